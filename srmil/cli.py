@@ -1,0 +1,299 @@
+"""The `srmil` command: one sub-command per stage. It parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text in ("", "nan", "None", "null") else float(text)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from srmil.demo import write_demo
+
+    sheet = write_demo(
+        args.out,
+        n_slides=args.n_slides,
+        seed=args.seed,
+        width_px=args.width,
+        height_px=args.height,
+        mpp=args.mpp,
+    )
+    print(sheet)
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from srmil.segment import SegmentParams, segment_slide
+
+    summary = segment_slide(
+        args.slide,
+        args.out,
+        args.qc,
+        SegmentParams(**args.params),
+        annotation=args.annotation or None,
+        mpp_override=args.mpp,
+        mpp_fallback=args.mpp_fallback,
+    )
+    logging.info(
+        "segment: %d tissue pieces, %.3f mm² (mpp %.4g from %s)",
+        summary["n_pieces"],
+        summary["tissue_area_mm2"],
+        summary["mpp"],
+        summary["mpp_source"],
+    )
+
+
+def cmd_tile(args: argparse.Namespace) -> None:
+    from srmil.tiling import TileParams, tile_slide
+
+    plan = tile_slide(
+        args.slide,
+        args.tissue,
+        args.out,
+        TileParams(**args.params),
+        mpp_override=args.mpp,
+        mpp_fallback=args.mpp_fallback,
+    )
+    logging.info(
+        "tile: %d patches of %d px at %.3g µm/px (level %d)",
+        plan["n_tiles"],
+        plan["patch_px"],
+        plan["target_mpp"],
+        plan["level"],
+    )
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from srmil.backbones import load_backbone
+    from srmil.features import extract_features
+
+    backbone = load_backbone(args.backbone, seed=args.seed)
+    extract_features(
+        args.slide,
+        args.tiles,
+        args.out,
+        backbone,
+        extractor=args.extractor,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        amp=args.amp,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_graph(args: argparse.Namespace) -> None:
+    from srmil.graph import build_graph
+
+    attrs = build_graph(args.tiles, args.out, window=args.window)
+    logging.info(
+        "graph: %d nodes, %d edges (window %d)", attrs["n_nodes"], attrs["n_edges"], attrs["window"]
+    )
+
+
+def cmd_splits(args: argparse.Namespace) -> None:
+    from srmil import store
+    from srmil.data import make_splits
+    from srmil.samples import read_sample_sheet
+
+    samples = read_sample_sheet(args.samples, check_files=False)
+    splits = make_splits(
+        samples, n_folds=args.n_folds, val_fraction=args.val_fraction, seed=args.seed
+    )
+    store.write_json(args.out, splits)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from srmil import store
+    from srmil.samples import read_sample_sheet
+    from srmil.train import train_fold
+
+    train_fold(
+        args.model,
+        store.read_json(args.splits),
+        args.fold,
+        read_sample_sheet(args.samples, check_files=False),
+        args.features_dir,
+        args.graphs_dir,
+        args.out,
+        model_hparams=args.model_params,
+        train_hparams=args.train_params,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from srmil import store
+    from srmil.evaluate import evaluate_model
+    from srmil.samples import read_sample_sheet
+
+    metrics = evaluate_model(
+        args.model,
+        args.models_dir,
+        store.read_json(args.splits),
+        read_sample_sheet(args.samples, check_files=False),
+        args.features_dir,
+        args.graphs_dir,
+        args.out_dir,
+        device=args.device,
+    )
+    logging.info("evaluate %s: %s", args.model, json.dumps(metrics.get("pooled", {})))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srmil", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate the synthetic demo cohort")
+    p.add_argument("--out", type=Path, default=Path("resources/demo"))
+    p.add_argument("--n-slides", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=4096, help="level-0 width in px")
+    p.add_argument("--height", type=int, default=3072, help="level-0 height in px")
+    p.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px")
+    p.set_defaults(func=cmd_demo)
+
+    def slide_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--slide", required=True, help="slide file")
+        p.add_argument(
+            "--mpp",
+            type=_optional_float,
+            default=None,
+            help="level-0 µm/px from the sample sheet (overrides the file)",
+        )
+        p.add_argument(
+            "--mpp-fallback",
+            type=_optional_float,
+            default=None,
+            help="µm/px for slides whose file has none",
+        )
+        p.add_argument("--params", type=_json_arg, default={}, help="stage parameters as JSON")
+
+    p = sub.add_parser("segment", help="tissue polygons (GeoJSON) and a QC overlay")
+    slide_args(p)
+    p.add_argument("--out", required=True, help="GeoJSON output")
+    p.add_argument("--qc", required=True, help="QC PNG output")
+    p.add_argument("--annotation", default="", help="tumour GeoJSON to draw on the QC image")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("tile", help="patch grid at a target µm/px inside the tissue")
+    slide_args(p)
+    p.add_argument("--tissue", required=True, help="tissue GeoJSON from `srmil segment`")
+    p.add_argument("--out", required=True, help="tiles JSON output")
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("features", help="backbone features into a Zarr store")
+    p.add_argument("--slide", required=True)
+    p.add_argument("--tiles", required=True)
+    p.add_argument("--out", required=True, help="Zarr store output")
+    p.add_argument("--extractor", required=True, help="short extractor name (config key)")
+    p.add_argument(
+        "--backbone",
+        type=_json_arg,
+        required=True,
+        help='backbone spec as JSON, e.g. {"model": "resnet18", "pretrained": false}',
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("graph", help="spatial graph over the patch grid")
+    p.add_argument("--tiles", required=True)
+    p.add_argument("--out", required=True, help="Zarr store output")
+    p.add_argument("--window", type=int, default=2)
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("splits", help="patient-level stratified cross-validation folds")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-folds", type=int, default=3)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_splits)
+
+    def bag_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, choices=["srmil", "abmil"])
+        p.add_argument("--splits", required=True)
+        p.add_argument("--samples", required=True)
+        p.add_argument("--features-dir", required=True)
+        p.add_argument("--graphs-dir", required=True)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("train", help="train one fold of a MIL model")
+    bag_args(p)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--out", required=True, help="checkpoint (.pt); .json and .csv beside it")
+    p.add_argument("--model-params", type=_json_arg, default={})
+    p.add_argument("--train-params", type=_json_arg, default={})
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, predictions and plots over all folds")
+    bag_args(p)
+    p.add_argument("--models-dir", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.version:
+        from srmil import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        build_parser().print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from srmil.errors import InputError
+
+    try:
+        args.func(args)
+    except InputError as err:
+        # Known bad input: one line that names the file and the fix, no traceback.
+        print(f"srmil {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

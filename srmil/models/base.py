@@ -1,0 +1,74 @@
+"""What both MIL models share: their output type, gated attention pooling, the bag loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MILOutput(NamedTuple):
+    logits: Tensor  # (C,) unnormalised class scores for the bag
+    attention: Tensor  # (N,) weights over the bag's patches, summing to 1
+
+
+class GatedAttention(nn.Module):
+    """Gated attention pooling weights (Ilse et al. 2018).
+
+    a = softmax_i( w^T (tanh(V h_i) * sigmoid(U h_i)) ): the sigmoid gate lets a patch switch its
+    tanh score off, which plain tanh attention cannot do for features near zero.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.tanh_branch = nn.Linear(in_dim, hidden_dim)
+        self.sigmoid_branch = nn.Linear(in_dim, hidden_dim)
+        self.score = nn.Linear(hidden_dim, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (N, in_dim) -> weights (N,), softmax over the N patches."""
+        gated = torch.tanh(self.tanh_branch(h)) * torch.sigmoid(self.sigmoid_branch(h))
+        return torch.softmax(self.score(gated).squeeze(-1), dim=0)
+
+
+class FeatureScaler(nn.Module):
+    """Per-dimension standardisation of patch features, fitted on a fold's training bags.
+
+    Backbone features are often far from zero-mean/unit-scale (a randomly initialised CNN's vary
+    by ~1% around a large shared offset), which stalls MIL training and makes a cosine
+    reconstruction target trivial. The statistics are buffers, so checkpoints carry them.
+    Until `fit` is called it is the identity.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, bags: list[Tensor], eps: float = 1e-6) -> None:
+        """Set mean and std from all patches of `bags` (each (N, D))."""
+        x = torch.cat([b.to(self.mean.device, torch.float64) for b in bags])
+        self.mean.copy_(x.mean(0).float())
+        self.std.copy_(x.std(0, unbiased=False).clamp_min(eps).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def check_bag(x: Tensor) -> int:
+    """Return N for a bag x of shape (N, D), N >= 1; raise ValueError otherwise."""
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"a bag must have shape (N >= 1, D), got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def bag_cross_entropy(logits: Tensor, label: int | Tensor) -> Tensor:
+    """Cross-entropy of one bag's logits (C,) against its integer class label."""
+    label = int(label)
+    if not 0 <= label < logits.shape[-1]:
+        raise ValueError(f"label {label} outside [0, {logits.shape[-1]})")
+    target = torch.tensor([label], device=logits.device)
+    return F.cross_entropy(logits.unsqueeze(0), target)

@@ -1,0 +1,139 @@
+"""The sample sheet: one row per slide (`slide_id, path, patient_id, label`, optional
+`annotation` and `mpp`). Read and checked in one place, so the workflow and the CLI agree."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from srmil.errors import InputError
+
+REQUIRED = ("slide_id", "path")
+OPTIONAL = ("patient_id", "label", "annotation", "mpp")
+# Slide ids become file names and Snakemake wildcards: keep them to a portable alphabet.
+SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SampleSheetError(InputError):
+    """A sample sheet problem, phrased as one line that names the file and the fix."""
+
+
+def read_sample_sheet(
+    path: str | os.PathLike, check_files: bool = True, require_labels: bool = True
+) -> pd.DataFrame:
+    """Return the sheet with absolute `path`/`annotation`, `patient_id` filled from `slide_id`.
+
+    Relative paths are relative to the sheet's folder. With `check_files`, every slide (and
+    annotation) must exist and be a file OpenSlide recognises.
+    """
+    sheet = Path(path)
+    if not sheet.is_file():
+        raise SampleSheetError(
+            f"{sheet}: sample sheet not found; pass an existing CSV with --config samples=PATH"
+        )
+    try:
+        df = pd.read_csv(sheet, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise SampleSheetError(
+            f"{sheet}: not a readable CSV ({err}); save it as UTF-8 CSV"
+        ) from err
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if require_labels and "label" not in df.columns:
+        missing.append("label")
+    if missing:
+        raise SampleSheetError(
+            f"{sheet}: missing column(s) {', '.join(missing)}; the header must "
+            "hold slide_id,path,patient_id,label"
+        )
+    if df.empty:
+        raise SampleSheetError(f"{sheet}: no slides listed; add one row per slide")
+    for col in OPTIONAL:
+        if col not in df.columns:
+            df[col] = ""
+    df = df.apply(lambda s: s.str.strip() if s.dtype == object else s)
+
+    bad = df.loc[~df["slide_id"].map(lambda s: bool(SLIDE_ID.match(s))), "slide_id"]
+    if len(bad):
+        raise SampleSheetError(
+            f"{sheet}: slide_id {bad.iloc[0]!r} must use only letters, digits, "
+            "'.', '_' and '-'; rename it in the sheet"
+        )
+    dup = df.loc[df["slide_id"].duplicated(), "slide_id"]
+    if len(dup):
+        raise SampleSheetError(
+            f"{sheet}: slide_id {dup.iloc[0]!r} is listed twice; give each slide a unique id"
+        )
+    if require_labels:
+        unlabelled = df.loc[df["label"] == "", "slide_id"]
+        if len(unlabelled):
+            raise SampleSheetError(
+                f"{sheet}: slide {unlabelled.iloc[0]!r} has no label; fill the label column"
+            )
+    df["patient_id"] = df["patient_id"].where(df["patient_id"] != "", df["slide_id"])
+    if require_labels:
+        labels_per_patient = df.groupby("patient_id")["label"].nunique()
+        mixed = labels_per_patient[labels_per_patient > 1]
+        if len(mixed):
+            raise SampleSheetError(
+                f"{sheet}: patient {mixed.index[0]!r} has slides with different "
+                "labels; give each patient one label"
+            )
+
+    base = sheet.resolve().parent
+    df["path"] = [str(_resolve(base, p)) for p in df["path"]]
+    df["annotation"] = [str(_resolve(base, p)) if p else "" for p in df["annotation"]]
+    df["mpp"] = [
+        _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
+    ]
+    if check_files:
+        for row in df.itertuples():
+            check_slide_file(row.path, sheet)
+            if row.annotation and not Path(row.annotation).is_file():
+                raise SampleSheetError(
+                    f"{row.annotation}: annotation of slide {row.slide_id!r} "
+                    f"not found; fix its path in {sheet} or leave it empty"
+                )
+    return df.reset_index(drop=True)
+
+
+def check_slide_file(
+    path: str | os.PathLike, sheet: str | os.PathLike = "the sample sheet"
+) -> None:
+    """Raise SampleSheetError unless `path` exists and OpenSlide recognises its format."""
+    import openslide
+
+    p = Path(path)
+    if not p.is_file():
+        raise SampleSheetError(f"{p}: slide file not found; fix its path in {sheet}")
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(p))
+    except (OSError, openslide.OpenSlideError):
+        fmt = None
+    if fmt is None:
+        raise SampleSheetError(
+            f"{p}: not a slide OpenSlide can read; replace the file or remove its row from {sheet}"
+        )
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (base / q)
+
+
+def _parse_mpp(sheet: Path, slide_id: str, value: str) -> float:
+    if value == "":
+        return float("nan")
+    try:
+        mpp = float(value)
+    except ValueError:
+        mpp = -1.0
+    if not (0 < mpp < 100):
+        raise SampleSheetError(
+            f"{sheet}: mpp {value!r} of slide {slide_id!r} is not a positive "
+            "number of µm per pixel; fix it or leave it empty"
+        )
+    return mpp

@@ -1,0 +1,104 @@
+"""Open a slide, resolve its µm/px, and choose pyramid levels by resolution."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+
+from srmil.errors import InputError
+
+
+class SlideError(InputError):
+    """A slide that cannot be used, phrased as one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    path: str
+    width: int  # level-0 px
+    height: int
+    mpp: float  # level-0 µm/px
+    mpp_source: str  # "file", "sample sheet" or "config fallback"
+    level_downsamples: tuple[float, ...]
+    level_dimensions: tuple[tuple[int, int], ...]
+    vendor: str
+
+
+def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+    p = Path(path)
+    if not p.is_file():
+        raise SlideError(f"{p}: slide file not found; fix its path in the sample sheet")
+    try:
+        return openslide.OpenSlide(str(p))
+    except (openslide.OpenSlideError, OSError) as err:
+        raise SlideError(
+            f"{p}: OpenSlide cannot open it ({err}); replace the file or remove its "
+            "row from the sample sheet"
+        ) from err
+
+
+def slide_info(
+    slide: openslide.OpenSlide,
+    path: str | os.PathLike,
+    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
+) -> SlideInfo:
+    """Level-0 µm/px from the file, else the sample sheet's `mpp`, else the config fallback."""
+    mpp, source = _file_mpp(slide), "file"
+    if mpp_override is not None and math.isfinite(mpp_override):
+        mpp, source = float(mpp_override), "sample sheet"  # an explicit per-slide value wins
+    elif mpp is None and mpp_fallback is not None:
+        mpp, source = float(mpp_fallback), "config fallback"
+    if mpp is None:
+        raise SlideError(
+            f"{path}: no µm/px in the file; add an 'mpp' column to the sample sheet "
+            "or set 'mpp_fallback' in config.yaml"
+        )
+    width, height = slide.dimensions
+    return SlideInfo(
+        path=str(path),
+        width=width,
+        height=height,
+        mpp=mpp,
+        mpp_source=source,
+        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        level_dimensions=tuple(tuple(d) for d in slide.level_dimensions),
+        vendor=slide.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown"),
+    )
+
+
+def _file_mpp(slide: openslide.OpenSlide) -> float | None:
+    props = slide.properties
+    values = []
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        try:
+            values.append(float(props[key]))
+        except (KeyError, ValueError):
+            pass
+    values = [v for v in values if 0 < v < 100]
+    return float(np.mean(values)) if values else None
+
+
+def level_for_downsample(level_downsamples: tuple[float, ...], downsample: float) -> int:
+    """The coarsest level whose downsample does not exceed `downsample` (never upsample)."""
+    ok = [i for i, d in enumerate(level_downsamples) if d <= downsample * (1 + 1e-3)]
+    return max(ok, key=lambda i: level_downsamples[i]) if ok else 0
+
+
+def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
+    """A whole pyramid level as RGB uint8 (alpha-composited on white)."""
+    w, h = slide.level_dimensions[level]
+    return to_rgb(slide.read_region((0, 0), level, (w, h)))
+
+
+def to_rgb(region) -> np.ndarray:
+    """RGBA PIL image from read_region -> RGB uint8 array; transparent areas become white."""
+    rgba = np.asarray(region)
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)

@@ -1,0 +1,229 @@
+"""The demo demo_dir: real files OpenSlide opens, deterministic, with consistent ground truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from srmil import demo
+
+N_SLIDES, SEED, WIDTH_PX, HEIGHT_PX, MPP = 6, 3, 1024, 768, 0.5
+LOW, HIGH = demo.TumourShape().fraction
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    demo.write_demo(out, n_slides=N_SLIDES, seed=SEED, width_px=WIDTH_PX, height_px=HEIGHT_PX,
+                    mpp=MPP, progress=False)
+    return out
+
+
+def read_sheet(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_mask(out: Path, slide_id: str, kind: str) -> np.ndarray:
+    mask = cv2.imread(str(out / "masks" / f"{slide_id}.{kind}.png"), cv2.IMREAD_UNCHANGED)
+    assert mask is not None and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    return mask > 0
+
+
+def test_sheet_is_the_plan(demo_dir: Path) -> None:
+    rows = read_sheet(demo_dir / "samples.csv")
+    assert list(rows[0]) == list(demo.SHEET_COLUMNS)
+    assert rows == demo.planned_sheet(demo_dir, n_slides=N_SLIDES, seed=SEED)
+    for row in rows:
+        assert (demo_dir / row["path"]).is_file()
+        assert bool(row["annotation"]) == (row["label"] == demo.POSITIVE)
+        if row["annotation"]:
+            assert (demo_dir / row["annotation"]).is_file()
+    assert not list(demo_dir.rglob("*.tmp*")), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("n_slides", [*range(1, 13), 24, 25])
+def test_plan_balances_labels_formats_and_patients(n_slides: int) -> None:
+    rows = demo.planned_sheet("unused", n_slides=n_slides, seed=0)
+    assert [r["slide_id"] for r in rows] == [f"demo_{i:03d}" for i in range(n_slides)]
+    labels = [r["label"] for r in rows]
+    assert set(labels) <= {demo.POSITIVE, demo.NEGATIVE}
+    assert abs(labels.count(demo.POSITIVE) - labels.count(demo.NEGATIVE)) <= 1
+    for suffix in (".svs", ".tif"):  # the file format must not give the label away
+        of_format = [r["label"] for r in rows if r["path"].endswith(suffix)]
+        assert abs(of_format.count(demo.POSITIVE) - of_format.count(demo.NEGATIVE)) <= 1
+    labels_of_patient = defaultdict(set)
+    for row in rows:
+        labels_of_patient[row["patient_id"]].add(row["label"])
+    assert all(len(v) == 1 for v in labels_of_patient.values())
+    if n_slides >= 6:  # some patients contribute two slides, so patient-level CV matters
+        assert len(labels_of_patient) < n_slides
+    assert demo.planned_sheet("x", n_slides, seed=0) == rows
+    assert demo.planned_sheet("x", n_slides, seed=1) != rows or n_slides < 4
+
+
+def test_default_plan() -> None:
+    rows = demo.planned_sheet("results/demo")
+    assert len(rows) == 24
+    assert sum(r["label"] == demo.POSITIVE for r in rows) == 12
+    sizes = defaultdict(int)
+    for row in rows:
+        sizes[row["patient_id"]] += 1
+    assert sorted(set(sizes.values())) == [1, 2]
+    assert sorted(sizes) == [f"P{i:03d}" for i in range(len(sizes))]
+
+
+def test_openslide_reads_both_formats(demo_dir: Path) -> None:
+    for row in read_sheet(demo_dir / "samples.csv"):
+        with openslide.OpenSlide(demo_dir / row["path"]) as slide:
+            props = slide.properties
+            assert slide.dimensions == (WIDTH_PX, HEIGHT_PX)
+            assert slide.level_count >= 2
+            assert slide.level_downsamples[1] == pytest.approx(demo.LEVEL_DOWNSAMPLE)
+            assert max(slide.level_dimensions[-1]) < demo.PYRAMID_STOP_PX
+            assert float(props[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(MPP, abs=1e-6)
+            assert float(props[openslide.PROPERTY_NAME_MPP_Y]) == pytest.approx(MPP, abs=1e-6)
+            assert props["openslide.level[0].tile-width"] == str(demo.TILE_PX)
+            if row["path"].endswith(".svs"):
+                assert props[openslide.PROPERTY_NAME_VENDOR] == "aperio"
+                assert props[openslide.PROPERTY_NAME_OBJECTIVE_POWER] == "20"
+                assert "thumbnail" in slide.associated_images
+            else:
+                assert props[openslide.PROPERTY_NAME_VENDOR] == "generic-tiff"
+            region = np.asarray(slide.read_region((0, 0), 0, (64, 64)))
+            assert region.shape == (64, 64, 4)
+
+
+def test_mpp_is_written_for_other_resolutions(tmp_path: Path) -> None:
+    demo.write_demo(tmp_path, n_slides=2, seed=0, width_px=512, height_px=384, mpp=0.25,
+                    progress=False)
+    for suffix in ("svs", "tif"):
+        (path,) = (tmp_path / "slides").glob(f"*.{suffix}")
+        with openslide.OpenSlide(path) as slide:
+            mpp_x = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+            assert mpp_x == pytest.approx(0.25, abs=1e-6)
+
+
+def test_rerun_is_byte_identical(demo_dir: Path, tmp_path: Path) -> None:
+    demo.write_demo(tmp_path, n_slides=N_SLIDES, seed=SEED, width_px=WIDTH_PX,
+                    height_px=HEIGHT_PX, mpp=MPP, progress=False)
+    files = sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for rel in files:
+        assert (demo_dir / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+    for rel in files:
+        if rel.suffix in (".svs", ".tif"):
+            with tifffile.TiffFile(demo_dir / rel) as tif:
+                assert all("DateTime" not in page.tags for page in tif.pages)
+
+
+def geometry_of(row: dict[str, str]) -> demo.SlideGeometry:
+    """Rebuild a demo_dir slide's level-0 masks the way write_demo drew them."""
+    rng = np.random.default_rng([SEED, int(row["slide_id"].removeprefix("demo_"))])
+    return demo.slide_geometry(rng, WIDTH_PX, HEIGHT_PX, MPP, row["label"] == demo.POSITIVE)
+
+
+def test_masks_are_the_geometry_at_downsample_16(demo_dir: Path) -> None:
+    for row in read_sheet(demo_dir / "samples.csv"):
+        geometry = geometry_of(row)
+        for kind in ("tissue", "tumour"):
+            stored = read_mask(demo_dir, row["slide_id"], kind)
+            assert stored.shape == (HEIGHT_PX // demo.MASK_DOWNSAMPLE,
+                                    WIDTH_PX // demo.MASK_DOWNSAMPLE)
+            expected = demo.mask_at_downsample(getattr(geometry, kind)) > 0
+            assert np.array_equal(stored, expected), (row["slide_id"], kind)
+        if row["label"] == demo.NEGATIVE:
+            assert not geometry.tumour.any()
+
+
+def test_annotations_are_tumour_polygons_inside_tissue(demo_dir: Path) -> None:
+    for row in read_sheet(demo_dir / "samples.csv"):
+        if row["label"] == demo.NEGATIVE:
+            continue
+        tissue = read_mask(demo_dir, row["slide_id"], "tissue")
+        collection = json.loads((demo_dir / row["annotation"]).read_text(encoding="utf-8"))
+        assert collection["type"] == "FeatureCollection" and collection["features"]
+        # A mask cell on the tissue edge may round either way: allow one cell of slack.
+        tissue_near = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        drawn = np.zeros((HEIGHT_PX, WIDTH_PX), np.uint8)
+        for feature in collection["features"]:
+            assert feature["type"] == "Feature"
+            assert feature["properties"]["classification"]["name"] == "Tumor"
+            assert feature["geometry"]["type"] == "Polygon"
+            rings = [np.asarray(ring, dtype=float) for ring in feature["geometry"]["coordinates"]]
+            for xy in rings:
+                assert xy.ndim == 2 and xy.shape[1] == 2 and len(xy) >= 4
+                assert np.array_equal(xy[0], xy[-1])
+                assert (xy >= 0).all() and (xy[:, 0] <= WIDTH_PX).all()
+                assert (xy[:, 1] <= HEIGHT_PX).all()
+                cells = (xy / demo.MASK_DOWNSAMPLE).astype(int)
+                assert tissue_near[cells[:, 1], cells[:, 0]].all(), row["slide_id"]
+            cv2.fillPoly(drawn, [np.rint(xy).astype(np.int32) for xy in rings], 1)
+        # The polygons trace the level-0 tumour mask.
+        tumour, polygons = geometry_of(row).tumour, drawn.astype(bool)
+        iou = (polygons & tumour).sum() / (polygons | tumour).sum()
+        assert iou > 0.8, (row["slide_id"], iou)
+
+
+def test_tumour_fraction_and_placement(demo_dir: Path) -> None:
+    for row in read_sheet(demo_dir / "samples.csv"):
+        if row["label"] != demo.POSITIVE:
+            continue
+        tissue = read_mask(demo_dir, row["slide_id"], "tissue")
+        tumour = read_mask(demo_dir, row["slide_id"], "tumour")
+        assert not (tumour & ~tissue).any()
+        fraction = tumour.sum() / tissue.sum()
+        assert LOW * 0.7 <= fraction <= HIGH * 1.3, (row["slide_id"], fraction)  # 16x coarser
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_geometry_at_level0(index: int) -> None:
+    rng = np.random.default_rng([SEED, index])
+    geometry = demo.slide_geometry(rng, 2048, 1536, MPP, positive=True)
+    tissue, tumour = geometry.tissue, geometry.tumour
+    assert 0.15 < tissue.mean() < 0.7
+    assert not (tumour & ~tissue).any()
+    assert LOW <= geometry.tumour_fraction <= HIGH
+    assert tumour.sum() / tissue.sum() == pytest.approx(geometry.tumour_fraction, rel=0.1)
+    # Tissue keeps clear of the slide border; tumour keeps clear of lumen holes.
+    assert not tissue[0].any() and not tissue[-1].any()
+    assert not tissue[:, 0].any() and not tissue[:, -1].any()
+    assert not (geometry.tumour_grid & geometry.lumen_grid).any()
+
+
+def test_some_tissue_has_lumen_holes() -> None:
+    holes = 0
+    for index in range(6):
+        geometry = demo.slide_geometry(np.random.default_rng([0, index]), 2048, 1536, MPP, False)
+        tissue = geometry.tissue.astype(np.uint8)
+        _, hierarchy = cv2.findContours(tissue, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        holes += int((hierarchy[0][:, 3] >= 0).sum())
+        assert not geometry.tumour.any()
+    assert holes >= 3
+
+
+def test_rendered_slide_looks_like_he(demo_dir: Path) -> None:
+    row = next(r for r in read_sheet(demo_dir / "samples.csv") if r["label"] == demo.POSITIVE)
+    with openslide.OpenSlide(demo_dir / row["path"]) as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    geometry = geometry_of(row)
+    inner = cv2.erode(geometry.tissue.astype(np.uint8), np.ones((15, 15), np.uint8)) > 0
+    outer = cv2.dilate(geometry.tissue.astype(np.uint8), np.ones((15, 15), np.uint8)) == 0
+    tumour = cv2.erode(geometry.tumour.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    background = rgb[outer].astype(float)
+    assert 232 <= background.mean() <= 248 and background.std() < 6
+    stroma = rgb[inner & ~geometry.tumour].astype(float).mean(axis=0)
+    cancer = rgb[tumour].astype(float).mean(axis=0)
+    r, g, b = stroma
+    assert r > g + 30 and b > g + 20  # pink: red and blue well above green
+    assert cancer.sum() < stroma.sum() - 120  # tumour is much darker
+    assert cancer[2] - cancer[0] > stroma[2] - stroma[0] + 10  # and bluer

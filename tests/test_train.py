@@ -1,0 +1,177 @@
+"""Training one fold: files written, checkpoint reload, determinism, the model-selection rule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_data import synthetic_cohort
+
+from srmil.data import load_bag, make_splits
+from srmil.evaluate import predict_bags
+from srmil.store import read_json
+from srmil.train import (
+    default_train_config,
+    first_selectable_epoch,
+    load_model,
+    make_train_config,
+    select_epoch,
+    train_fold,
+)
+
+QUICK = {"epochs": 3, "select_after": 0.5}
+# One thread: these bags are tiny, and more threads only add contention on a shared CPU.
+EMPTY = "p03s0"  # a slide without patches, in fold 0's training set
+SMALL_SRMIL = {"heads": 2, "hidden_per_head": 8}  # keep the GAT layers tiny on the CPU
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    samples, features_dir, graphs_dir = synthetic_cohort(root, n_patients=9,
+                                                         empty_slides=(EMPTY,))
+    splits = make_splits(samples, n_folds=3, val_fraction=0.34, seed=0)
+    return samples, splits, features_dir, graphs_dir
+
+
+def _train(cohort, out_path, model_name="abmil", **kwargs):
+    samples, splits, features_dir, graphs_dir = cohort
+    kwargs.setdefault("train_hparams", QUICK)
+    return train_fold(model_name, splits, 0, samples, features_dir, graphs_dir, out_path,
+                      device="cpu", threads=1, **kwargs)
+
+
+# --- the selection rule on hand-made epoch tables ---------------------------------------------
+
+
+def test_first_selectable_epoch():
+    assert first_selectable_epoch(100, 0.6) == 61
+    assert first_selectable_epoch(3, 0.6) == 2
+    assert first_selectable_epoch(10, 0.0) == 1
+    assert first_selectable_epoch(5, 1.0) == 5
+
+
+def test_select_epoch_best_accuracy_after_warmup_ties_by_auc_then_earlier():
+    table = pd.DataFrame({
+        "epoch": range(1, 11),
+        "val_acc": [0.5, 0.9, 1.0, 0.6, 0.7, 0.8, 0.8, 0.9, 0.9, 0.9],
+        "val_auc": [0.5, 0.9, 1.0, 0.6, 0.7, 0.8, 0.85, 0.80, 0.90, 0.90],
+    })
+    # Epoch 3 is best overall but before 60% of the epochs; 8, 9, 10 tie on accuracy,
+    # 9 and 10 tie on AUC, and the earlier wins.
+    assert select_epoch(table, epochs=10, select_after=0.6) == 9
+    assert select_epoch(table, epochs=10, select_after=0.0) == 3
+    assert select_epoch(table.iloc[:5], epochs=10, select_after=0.6) is None
+
+
+def test_select_epoch_missing_auc_ranks_last_and_no_validation_takes_the_last_epoch():
+    rows = [{"epoch": 1, "val_acc": 0.5, "val_auc": None},
+            {"epoch": 2, "val_acc": 0.5, "val_auc": 0.6},
+            {"epoch": 3, "val_acc": 0.5, "val_auc": math.nan}]
+    assert select_epoch(rows, epochs=3, select_after=0.0) == 2
+    no_val = [{"epoch": e, "val_acc": math.nan, "val_auc": math.nan} for e in (1, 2, 3, 4)]
+    assert select_epoch(no_val, epochs=4, select_after=0.5) == 4
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_default_train_configs_follow_the_reference():
+    srmil = default_train_config("srmil")
+    assert (srmil["optimizer"], srmil["lr"], srmil["weight_decay"]) == ("adamw", 5e-4, 1e-5)
+    assert (srmil["epochs"], srmil["scheduler"], srmil["select_after"]) == (100, "cosine", 0.6)
+    abmil = default_train_config("abmil")
+    assert (abmil["optimizer"], abmil["lr"], abmil["weight_decay"]) == ("adam", 2e-4, 1e-5)
+    with pytest.raises(ValueError, match="unknown model"):
+        default_train_config("clam")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        make_train_config("srmil", {"epoch": 3})
+    with pytest.raises(ValueError, match="optimizer"):
+        make_train_config("srmil", {"optimizer": "sgd"})
+
+
+# --- train_fold -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name", ["abmil", "srmil"])
+def test_train_fold_writes_checkpoint_json_and_log(cohort, tmp_path, model_name, caplog):
+    samples, splits, features_dir, graphs_dir = cohort
+    out = tmp_path / "models" / model_name / "fold_0.pt"
+    hparams = SMALL_SRMIL if model_name == "srmil" else None
+    with caplog.at_level(logging.WARNING):
+        meta = _train(cohort, out, model_name, model_hparams=hparams)
+
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert not list(out.parent.glob(".*"))  # no temporary files left behind
+    state = torch.load(out, weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+    saved = read_json(out.with_suffix(".json"))
+    assert saved == meta
+    assert saved["model"] == model_name and saved["in_dim"] == 16 and saved["fold"] == 0
+    assert saved["classes"] == ["class0", "class1"]
+    assert saved["split"] == splits["folds"][0]
+    assert saved["train_config"]["epochs"] == 3 and saved["seed"] == 0
+    assert saved["provenance"]["features"] == {"backbone": "toy", "weights_hash": "0" * 8,
+                                                "mpp": 0.5, "patch_px": 224}
+    assert {"srmil_version", "torch_version"} <= set(saved["provenance"])
+    assert saved["selected_epoch"] >= first_selectable_epoch(3, 0.5)
+
+    epochs = pd.read_csv(out.with_suffix(".csv"))
+    assert list(epochs["epoch"]) == [1, 2, 3]
+    assert {"lr", "train_loss", "train_ce", "train_acc", "val_loss", "val_acc", "val_auc",
+            "selected"} <= set(epochs.columns)
+    if model_name == "srmil":
+        assert {"train_rec", "train_ce_masked", "train_ce_full"} <= set(epochs.columns)
+    assert epochs["selected"].sum() == 1
+    assert int(epochs.loc[epochs["selected"] == 1, "epoch"].iloc[0]) == saved["selected_epoch"]
+    assert epochs["lr"].iloc[0] == pytest.approx(default_train_config(model_name)["lr"])
+    assert epochs["lr"].is_monotonic_decreasing  # cosine annealing
+
+    assert EMPTY in splits["folds"][0]["train"]
+    assert saved["skipped_empty"] == [EMPTY] and f"slide {EMPTY} has no patches" in caplog.text
+
+
+def test_load_model_reproduces_the_selected_epoch(cohort, tmp_path):
+    samples, splits, features_dir, graphs_dir = cohort
+    out = tmp_path / "fold_0.pt"
+    # Select early so that the saved state is not simply the last one.
+    meta = _train(cohort, out, "srmil", model_hparams=SMALL_SRMIL,
+                  train_hparams={"epochs": 4, "select_after": 0.0})
+    model, loaded_meta = load_model(out)
+    assert loaded_meta == meta and not model.training
+    assert loaded_meta["model_hparams"]["hidden_per_head"] == 8
+
+    val_bags = [load_bag(features_dir, graphs_dir, sid) for sid in splits["folds"][0]["val"]]
+    val_bags = [b for b in val_bags if len(b)]
+    labels = samples.set_index("slide_id").loc[[b.slide_id for b in val_bags], "label"]
+    y = labels.map(meta["classes"].index).to_numpy()
+    probs, attention = predict_bags(model, val_bags, "cpu")
+    assert np.mean(probs.argmax(axis=1) == y) == pytest.approx(meta["selected_val"]["val_acc"])
+    val_loss = -np.log(probs[np.arange(len(y)), y]).mean()
+    assert val_loss == pytest.approx(meta["selected_val"]["val_loss"], rel=1e-5)
+    assert [len(a) for a in attention] == [len(b) for b in val_bags]
+
+
+def test_training_is_deterministic(cohort, tmp_path):
+    first = _train(cohort, tmp_path / "a.pt", "srmil", model_hparams=SMALL_SRMIL)
+    second = _train(cohort, tmp_path / "b.pt", "srmil", model_hparams=SMALL_SRMIL)
+    state_a = torch.load(tmp_path / "a.pt", weights_only=True)
+    state_b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+    assert first["selected_epoch"] == second["selected_epoch"]
+    assert not torch.are_deterministic_algorithms_enabled()  # global flag restored
+
+
+def test_early_stopping_stops_after_patience(cohort, tmp_path):
+    meta = _train(cohort, tmp_path / "fold_0.pt", "abmil",
+                  train_hparams={"epochs": 30, "select_after": 0.0, "early_stopping_patience": 2,
+                                 "lr": 1e-2})
+    assert meta["epochs_run"] < 30
+    assert meta["epochs_run"] == meta["selected_epoch"] + 2

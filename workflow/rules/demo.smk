@@ -1,0 +1,23 @@
+if IS_DEMO:
+
+    rule demo:
+        output:
+            sheet=str(DEMO_SHEET),
+            slides=[SAMPLES.loc[s, "path"] for s in SLIDES],
+            annotations=[a for a in SAMPLES["annotation"] if a],
+        log:
+            "logs/demo.log",
+        benchmark:
+            "results/benchmarks/demo.tsv"
+        conda:
+            "../../envs/srmil.yaml"
+        params:
+            out_dir=lambda wildcards, output: os.path.dirname(output.sheet),
+            n_slides=config["demo"]["n_slides"],
+            width=config["demo"]["width_px"],
+            height=config["demo"]["height_px"],
+            mpp=config["demo"]["mpp"],
+            seed=config["seed"],
+        shell:
+            "srmil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
+            " --width {params.width} --height {params.height} --mpp {params.mpp} > {log} 2>&1"

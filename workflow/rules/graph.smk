@@ -1,0 +1,20 @@
+rule build_graph:
+    input:
+        "results/tiles/{slide}.json",
+    output:
+        directory("results/graphs/{slide}.zarr"),
+    log:
+        "logs/graph/{slide}.log",
+    benchmark:
+        "results/benchmarks/graph/{slide}.tsv"
+    conda:
+        "../../envs/srmil.yaml"
+    params:
+        window=config["graph"]["window"],
+    shell:
+        "srmil graph --tiles {input} --out {output} --window {params.window} > {log} 2>&1"
+
+
+rule graphs:
+    input:
+        expand("results/graphs/{slide}.zarr", slide=SLIDES),
