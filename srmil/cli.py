@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='backbone spec as JSON, e.g. {"model": "resnet18", "pretrained": false}',
     )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", default="auto", help="reader processes, or 'auto'")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
