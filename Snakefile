@@ -1,5 +1,9 @@
 # srmil: whole slide images -> tissue -> patches -> features -> graphs -> SRMIL and ABMIL models.
-from snakemake.utils import min_version, validate
+import sys
+
+from snakemake.utils import min_version
+
+from srmil.config import ConfigError, validate_config
 
 min_version("9.0")
 
@@ -7,7 +11,13 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:
+    validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+except ConfigError as err:
+    sys.exit(f"srmil: error: {err}")  # one line naming the key, not a traceback
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -18,6 +28,8 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/graph.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/ablation.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:

@@ -46,13 +46,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
-    from srmil.segment import SegmentParams, segment_slide
+    from srmil.segment import params_from_dict, segment_slide
 
     summary = segment_slide(
         args.slide,
         args.out,
         args.qc,
-        SegmentParams(**args.params),
+        params_from_dict(args.params, "--params of srmil segment"),
         annotation=args.annotation or None,
         mpp_override=args.mpp,
         mpp_fallback=args.mpp_fallback,
@@ -67,15 +67,17 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_tile(args: argparse.Namespace) -> None:
-    from srmil.tiling import TileParams, tile_slide
+    from srmil.tiling import params_from_dict, tile_slide
 
     plan = tile_slide(
         args.slide,
         args.tissue,
         args.out,
-        TileParams(**args.params),
+        params_from_dict(args.params, "--params of srmil tile"),
         mpp_override=args.mpp,
         mpp_fallback=args.mpp_fallback,
+        out_qc_png=args.qc or None,
+        seg_qc_png=args.seg_qc or None,
     )
     logging.info(
         "tile: %d patches of %d px at %.3g µm/px (level %d)",
@@ -103,6 +105,7 @@ def cmd_features(args: argparse.Namespace) -> None:
         device=args.device,
         amp=args.amp,
         dtype=args.dtype,
+        read_block=args.read_block,
         progress=not args.no_progress,
     )
 
@@ -118,22 +121,30 @@ def cmd_graph(args: argparse.Namespace) -> None:
 
 def cmd_splits(args: argparse.Namespace) -> None:
     from srmil import store
-    from srmil.data import make_splits
+    from srmil.data import make_splits, read_split_file
     from srmil.samples import read_sample_sheet
 
     samples = read_sample_sheet(args.samples, check_files=False)
-    splits = make_splits(
-        samples, n_folds=args.n_folds, val_fraction=args.val_fraction, seed=args.seed
-    )
+    if args.split_file:
+        splits = read_split_file(
+            args.split_file, samples, val_fraction=args.val_fraction, seed=args.seed
+        )
+    else:
+        splits = make_splits(
+            samples, n_folds=args.n_folds, val_fraction=args.val_fraction, seed=args.seed
+        )
     store.write_json(args.out, splits)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     from srmil import store
+    from srmil.config import check_model_settings
     from srmil.samples import read_sample_sheet
     from srmil.train import train_fold
 
+    # Before the bags are loaded: a bad setting fails in seconds, naming its config key.
+    check_model_settings(args.model, args.model_params, args.train_params)
     train_fold(
         args.model,
         store.read_json(args.splits),
@@ -165,8 +176,80 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.graphs_dir,
         args.out_dir,
         device=args.device,
+        tiles_dir=args.tiles_dir or None,
+        n_bootstrap=args.n_bootstrap,
+        ci_level=args.ci_level,
+        seed=args.seed,
+        top_patches=args.top_patches,
+        heatmap_px=args.heatmap_px,
+        max_heatmaps=args.max_heatmaps,
     )
     logging.info("evaluate %s: %s", args.model, json.dumps(metrics.get("pooled", {})))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from srmil.evaluate import compare_models
+
+    compare_models(
+        args.metrics, args.out_csv, args.out_md, models_dirs=args.models_dirs, out_png=args.out_png
+    )
+
+
+def cmd_ablation(args: argparse.Namespace) -> None:
+    from srmil.evaluate import summarise_ablation
+
+    summarise_ablation(args.metrics, args.mask_ratios, args.out_csv, args.out_png)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from srmil import predict
+
+    heatmaps = dict(top_patches=args.top_patches, heatmap_px=args.heatmap_px)
+    if args.features_dir:  # stores made by the workflow's stages
+        from srmil.samples import read_sample_sheet
+
+        heatmap_dir = None if args.no_heatmaps else args.tiles_dir or None
+        table = predict.predict_slides(
+            # the slide files are read only to draw heatmaps
+            read_sample_sheet(args.samples, check_files=bool(heatmap_dir), require_labels=False),
+            args.models_dir,
+            args.features_dir,
+            args.graphs_dir,
+            args.out_dir,
+            extractor=args.extractor,
+            device=args.device,
+            threads=args.threads,
+            tiles_dir=heatmap_dir,
+            **heatmaps,
+        )
+    else:
+        table = predict.run_predict(
+            args.samples,
+            args.models_dir,
+            args.out_dir,
+            settings=_read_config(args.config),
+            extractor=args.extractor,
+            device=args.device,
+            threads=args.threads,
+            heatmaps=not args.no_heatmaps,
+            seed=args.seed,
+            **heatmaps,
+        )
+    logging.info("predict: %d slides -> %s", len(table), Path(args.out_dir) / "predictions.csv")
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    from srmil.errors import InputError
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"{path}: cannot read the config ({err}); pass a readable YAML") from err
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     slide_args(p)
     p.add_argument("--tissue", required=True, help="tissue GeoJSON from `srmil segment`")
     p.add_argument("--out", required=True, help="tiles JSON output")
+    p.add_argument("--qc", default="", help="QC PNG output: the kept tile grid on the slide")
+    p.add_argument(
+        "--seg-qc", default="", help="QC PNG of `srmil segment` to draw the grid on (faster)"
+    )
     p.set_defaults(func=cmd_tile)
 
     p = sub.add_parser("features", help="backbone features into a Zarr store")
@@ -228,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument(
+        "--read-block", type=int, default=1, help="read k x k neighbouring tiles per call (1: each)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -239,10 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=2)
     p.set_defaults(func=cmd_graph)
 
-    p = sub.add_parser("splits", help="patient-level stratified cross-validation folds")
+    p = sub.add_parser(
+        "splits", help="patient-level stratified cross-validation folds, or a fixed split file"
+    )
     p.add_argument("--samples", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n-folds", type=int, default=3)
+    p.add_argument(
+        "--split-file",
+        default="",
+        help="CSV (slide_id or patient_id, part, [fold]) or JSON of fixed folds; "
+        "replaces --n-folds",
+    )
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_splits)
@@ -265,11 +363,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
+    def heatmap_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--top-patches", type=int, default=8, help="patches in a heatmap montage")
+        p.add_argument("--heatmap-px", type=int, default=1024, help="heatmap thumbnail side")
+
     p = sub.add_parser("evaluate", help="metrics, predictions and plots over all folds")
     bag_args(p)
     p.add_argument("--models-dir", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--tiles-dir", default="", help="tile sets; given: attention heatmaps")
+    p.add_argument("--n-bootstrap", type=int, default=1000)
+    p.add_argument("--ci-level", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-heatmaps", type=int, default=None, help="default: every test slide")
+    heatmap_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="side-by-side metrics and attention of several models")
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each model")
+    p.add_argument("--models-dirs", nargs="*", default=[], help="each model's fold folder")
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-png", default=None, help="attention diagnostics of all models")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("ablation", help="SRMIL metrics against the mask ratio")
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json per mask ratio")
+    p.add_argument("--mask-ratios", nargs="+", type=float, required=True)
+    p.add_argument("--out-csv", required=True)
+    p.add_argument("--out-png", required=True)
+    p.set_defaults(func=cmd_ablation)
+
+    p = sub.add_parser("predict", help="fold-ensemble predictions and heatmaps for new slides")
+    p.add_argument("--samples", required=True, help="sample sheet; labels optional")
+    p.add_argument("--models-dir", required=True, help="folder of a model's fold_*.pt")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--extractor", default=None, help="default: the model's")
+    p.add_argument(
+        "--config", default=None, help="config.yaml for the stage settings (default: defaults)"
+    )
+    p.add_argument("--features-dir", default="", help="existing feature stores: skip the stages")
+    p.add_argument("--graphs-dir", default="")
+    p.add_argument("--tiles-dir", default="")
+    p.add_argument("--no-heatmaps", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    heatmap_args(p)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -284,13 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from srmil.errors import InputError
+    from srmil.errors import InputError, one_line
 
     try:
         args.func(args)
     except InputError as err:
         # Known bad input: one line that names the file and the fix, no traceback.
-        print(f"srmil {args.command}: error: {err}", file=sys.stderr)
+        print(f"srmil {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
 

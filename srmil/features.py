@@ -1,11 +1,21 @@
-"""Patch features: read tiles through OpenSlide in DataLoader workers, run the backbone in
-batches, and write one Zarr store per slide with coordinates and provenance."""
+"""Patch features: read tiles through OpenSlide beside the forward pass, run the backbone in
+batches, and write one Zarr store per slide with coordinates and provenance.
+
+Batches are cut into chunks that readers fill ahead of the model: DataLoader worker processes
+(each opens the slide once) or, with `num_workers: 0`, one background thread. Optionally
+(`read_block` > 1) the tiles of a k x k block of neighbouring grid cells in one chunk are read
+with a single `read_region` call and cropped; measured on JPEG-tiled slides it does not pay
+(docs/features.md), so it is off by default.
+"""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,71 +27,231 @@ from tqdm import tqdm
 
 from srmil import __version__, store
 from srmil.backbones import Backbone, spec_dict
-from srmil.slide import open_slide, to_rgb
+from srmil.errors import InputError
+from srmil.slide import open_slide, read_region, to_rgb
 
 log = logging.getLogger(__name__)
 
+# A block is read in one call when its tiles cover at least this fraction of its bounding box;
+# sparser blocks (tissue edges) would decode more background than they save.
+MIN_BLOCK_FILL = 0.5
+# Tiles per reader work item (see split_chunks), for reader processes and for one thread.
+READ_CHUNK = 32
+THREAD_CHUNK = 8
 
-class TileDataset(Dataset):
-    """Patches of one slide as uint8 HWC arrays at the target resolution.
 
-    Each worker process opens the slide once, on its first read.
+def plan_batches(
+    coords_level0: np.ndarray, plan: dict[str, Any], batch_size: int, block: int
+) -> list[np.ndarray]:
+    """Tile indices per model batch, visiting blocks of `block` x `block` grid cells in raster
+    order (tiles in raster order inside a block). Deterministic: it depends on the tiles only."""
+    n = len(coords_level0)
+    if n == 0:
+        return []
+    grid = np.rint(coords_level0 / float(plan["stride_level0"])).astype(np.int64)
+    k = max(1, int(block))
+    order = np.lexsort((grid[:, 0], grid[:, 1], grid[:, 0] // k, grid[:, 1] // k))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def split_chunks(batches: list[np.ndarray], chunk: int = READ_CHUNK) -> list[np.ndarray]:
+    """Reader work items: each batch cut into runs of at most `chunk` tiles, so the first
+    batch is ready after `chunk` reads rather than `batch_size` (short slides, many readers)."""
+    return [b[i : i + chunk] for b in batches for i in range(0, len(b), chunk)]
+
+
+class ChunkDataset(Dataset):
+    """Item i = chunk i of tile indices as (n, H, W, 3) uint8 patches and the indices.
+
+    The slide is opened once per process (or thread) on its first read.
     """
 
-    def __init__(self, slide_path: str, coords_level0: np.ndarray, plan: dict[str, Any]):
+    def __init__(
+        self,
+        slide_path: str,
+        coords_level0: np.ndarray,
+        plan: dict[str, Any],
+        chunks: list[np.ndarray],
+        block: int = 1,
+    ):
         self.slide_path = slide_path
-        self.coords = coords_level0
+        self.coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+        self.grid = np.rint(self.coords / float(plan["stride_level0"])).astype(np.int64)
+        self.chunks = chunks
+        self.block = max(1, int(block))
         self.level = int(plan["level"])
+        self.ds = float(plan.get("level_downsample", 1.0))
         self.read_px = int(plan["read_px"])
         self.patch_px = int(plan["patch_px"])
         self._slide = None
 
     def __len__(self) -> int:
-        return len(self.coords)
+        return len(self.chunks)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def n_reads(self) -> int:
+        """read_region calls the whole slide takes with this plan."""
+        return sum(sum(1 for _ in self._groups(c)) for c in self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.chunks[i]
+        out = np.empty((len(idx), self.patch_px, self.patch_px, 3), dtype=np.uint8)
+        for rows in self._groups(idx):
+            self._read_group(idx, rows, out)
+        return torch.from_numpy(out), torch.from_numpy(np.asarray(idx, dtype=np.int64))
+
+    def _groups(self, idx: np.ndarray) -> Iterator[np.ndarray]:
+        """Positions in `idx` to read together: one block's tiles, when dense enough."""
+        if self.block == 1:
+            yield from (np.array([j]) for j in range(len(idx)))
+            return
+        cell = self.grid[idx] // self.block
+        key = cell[:, 1] * (1 << 31) + cell[:, 0]
+        for k in np.unique(key):
+            rows = np.flatnonzero(key == k)
+            g = self.grid[idx[rows]]
+            span = g.max(0) - g.min(0) + 1
+            if len(rows) > 1 and len(rows) >= MIN_BLOCK_FILL * span[0] * span[1]:
+                yield rows
+            else:
+                yield from (np.array([j]) for j in rows)
+
+    def _read_group(self, idx: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         if self._slide is None:
             self._slide = open_slide(self.slide_path)
-        x, y = (int(v) for v in self.coords[i])
-        rgb = to_rgb(self._slide.read_region((x, y), self.level, (self.read_px, self.read_px)))
-        if self.read_px != self.patch_px:  # the level is finer than the target: shrink
-            import cv2
+        xy = self.coords[idx[rows]]
+        x0, y0 = xy.min(0)
+        # Offsets at the read level; at level 0 (or integer offsets) crops equal single reads.
+        off = np.rint((xy - (x0, y0)) / self.ds).astype(np.int64)
+        w, h = off.max(0) + self.read_px
+        # A damaged or truncated file fails here: a one-line SlideError naming it.
+        region = np.asarray(
+            read_region(
+                self._slide, (int(x0), int(y0)), self.level, (int(w), int(h)), self.slide_path
+            )
+        )
+        for j, (ox, oy) in zip(rows, off, strict=True):
+            crop = region[oy : oy + self.read_px, ox : ox + self.read_px]
+            # Opaque (the usual case) needs no compositing; transparent areas become white.
+            rgb = crop[..., :3] if crop[..., 3].min() == 255 else to_rgb(crop)
+            if self.read_px != self.patch_px:  # the level is finer than the target: shrink
+                import cv2
 
-            rgb = cv2.resize(rgb, (self.patch_px, self.patch_px), interpolation=cv2.INTER_AREA)
-        return torch.from_numpy(np.ascontiguousarray(rgb))
+                rgb = cv2.resize(rgb, (self.patch_px, self.patch_px), interpolation=cv2.INTER_AREA)
+            out[j] = rgb
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"features.device = {device!r} but CUDA is not available; set auto or cpu")
+    return dev
 
 
 def resolve_workers(num_workers: int | str, device: torch.device) -> int:
-    """'auto': no reader processes on CPU, where the forward pass needs every core and reading
-    costs ~10% of it; on a GPU, readers keep the device fed."""
+    """'auto': no reader processes on CPU (one reader thread overlaps the forward pass, and
+    processes would compete with it for the cores); on a GPU, enough readers to feed it."""
     if num_workers != "auto":
         return int(num_workers)
-    return 0 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1))
+    return 0 if device.type == "cpu" else min(16, max(1, (os.cpu_count() or 2) - 1))
 
 
 def preprocess(batch_uint8: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised (B, 3, h, w) float at the model's input size."""
-    x = batch_uint8.permute(0, 3, 1, 2).float().div_(255)
+    """(B, H, W, 3) uint8 -> normalised (B, 3, h, w) float, channels-last, at the model's input
+    size, with the model's mean, std and interpolation."""
+    # The permuted view keeps NHWC strides, so the float copy is already channels-last.
+    x = batch_uint8.permute(0, 3, 1, 2).float()
     size = tuple(data_config["input_size"][1:])
     if tuple(x.shape[-2:]) != size:
         mode = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
         x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
-    mean = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) * 255
+    scale = 1 / (torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1) * 255)
+    return x.sub_(mean).mul_(scale)
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """bf16/fp16 autocast only on CUDA: on CPUs without bf16 units it is far slower."""
     if device.type != "cuda" or amp == "none":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}[amp]
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Readers:
+    """Chunks in order, read ahead of the consumer by worker processes (each opens the slide
+    once) or by one thread; reading starts on construction, so it overlaps model set-up, and
+    worker processes are forked before the model initialises CUDA in this process."""
+
+    def __init__(
+        self, dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
+    ):
+        self._pool = None
+        if num_workers > 0:
+            self._it = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,  # items are already chunks of patches
+                    num_workers=num_workers,
+                    pin_memory=pin_memory,
+                    prefetch_factor=prefetch,
+                )
+            )
+            return
+        # One reader thread: OpenSlide decodes with the GIL released, beside torch's threads.
+        self._dataset, self._pin = dataset, pin_memory
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="srmil-read")
+        first = range(min(prefetch, len(dataset)))
+        self._ahead = collections.deque(self._pool.submit(dataset.__getitem__, i) for i in first)
+        self._next = len(self._ahead)
+
+    def __iter__(self) -> Readers:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pool is None:
+            return next(self._it)
+        if not self._ahead:
+            raise StopIteration
+        x, idx = self._ahead.popleft().result()
+        if self._next < len(self._dataset):
+            self._ahead.append(self._pool.submit(self._dataset.__getitem__, self._next))
+            self._next += 1
+        return (x.pin_memory(), idx) if self._pin else (x, idx)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._it = None  # a DataLoader iterator stops its workers when dropped
+
+
+def iterate_chunks(
+    dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
+) -> Readers:
+    return Readers(dataset, num_workers, pin_memory, prefetch)
+
+
+def iterate_batches(
+    readers: Readers, batches: list[np.ndarray], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Model batches on `device`, (B, H, W, 3) uint8 and tile indices, assembled from chunks
+    (copied to the device as they arrive, from pinned memory without blocking)."""
+    try:
+        for batch in batches:
+            parts, need = [], len(batch)
+            while need > 0:
+                x, idx = next(readers)
+                parts.append((x.to(device, non_blocking=True), idx.to(device, non_blocking=True)))
+                need -= len(idx)
+            if len(parts) == 1:
+                yield parts[0]
+            else:
+                yield torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    finally:
+        readers.close()
 
 
 def extract_features(
@@ -95,34 +265,40 @@ def extract_features(
     device: str = "auto",
     amp: str = "auto",
     dtype: str = "float16",
+    read_block: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every tile of one slide; write `features` (N x D) and `coords` to a Zarr store."""
     coords, _, plan = store.read_tiles(tiles_path)
-    dev = resolve_device(device)
-    model = backbone.model.to(dev).to(memory_format=torch.channels_last)
-    autocast = amp_dtype(dev, amp)
-    loader = DataLoader(
-        TileDataset(str(slide_path), coords, plan),
-        batch_size=batch_size,
-        num_workers=resolve_workers(num_workers, dev) if len(coords) else 0,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=False,
-    )
-    chunks = []
     start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in tqdm(
-            loader,
-            desc=f"features {os.path.basename(slide_path)}",
-            unit="batch",
-            disable=not progress,
-        ):
-            x = preprocess(batch.to(dev, non_blocking=True), backbone.data_config)
-            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
-                chunks.append(model(x).float().cpu().numpy())
+    dev = resolve_device(device)
+    batches = plan_batches(coords, plan, batch_size, read_block)
+    workers = resolve_workers(num_workers, dev) if batches else 0
+    # Reader processes take larger chunks (fewer messages); one thread, smaller ones (the
+    # first batch waits for fewer reads).
+    chunk = READ_CHUNK if workers else THREAD_CHUNK
+    dataset = ChunkDataset(str(slide_path), coords, plan, split_chunks(batches, chunk), read_block)
+    prefetch = 4 if workers else 2 * -(-batch_size // chunk)
+    readers = Readers(dataset, workers, pin_memory=dev.type == "cuda", prefetch=prefetch)
+    try:
+        autocast = amp_dtype(dev, amp)  # may initialise CUDA: after the readers are forked
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shape: fastest kernels, once
+        model = backbone.model.to(dev).to(memory_format=torch.channels_last)
+        # Rows land by tile index, so the store keeps the tile order whatever the read order.
+        features = torch.empty((len(coords), backbone.feature_dim), device=dev)
+        name = os.path.basename(slide_path)
+        bar = tqdm(total=len(coords), desc=f"features {name}", unit="patch", disable=not progress)
+        with torch.inference_mode(), bar:
+            for x, idx in iterate_batches(readers, batches, dev):
+                x = preprocess(x, backbone.data_config)
+                with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                    features[idx] = model(x).float()
+                bar.update(len(idx))
+            result = features.cpu().numpy()  # the one device-to-host copy, and the sync point
+    finally:
+        readers.close()
     seconds = time.perf_counter() - start
-    features = np.concatenate(chunks) if chunks else np.zeros((0, backbone.feature_dim), np.float32)
     attrs = {
         "srmil_version": __version__,
         "torch_version": torch.__version__,
@@ -132,6 +308,8 @@ def extract_features(
         "weights_hash": backbone.weights_hash,
         "feature_dim": backbone.feature_dim,
         "n_patches": int(len(coords)),
+        # why the bag is empty (tiling's reason), carried on to metrics.json
+        **({"skipped": plan["skipped"]} if plan.get("skipped") else {}),
         "slide": os.path.basename(slide_path),
         "mpp": plan["target_mpp"],
         "slide_mpp": plan["slide_mpp"],
@@ -141,14 +319,27 @@ def extract_features(
         "stride_level0": plan["stride_level0"],
         "read_level": plan["level"],
         "read_px": plan["read_px"],
-        "transforms": backbone.data_config,
+        "read_block": read_block,
+        "transforms": {
+            **backbone.data_config,
+            "steps": "read RGB at read_level (INTER_AREA to patch_px if larger), resize to "
+            "input_size with `interpolation` (antialiased) if different, no crop, "
+            "(x/255 - mean)/std",
+        },
         "device": dev.type,
         "amp": str(autocast).replace("torch.", "") if autocast else "none",
         "dtype": dtype,
     }
-    store.write_feature_store(out_path, features, coords, attrs, dtype=dtype)
+    store.write_feature_store(out_path, result, coords, attrs, dtype=dtype)
     rate = len(coords) / seconds if seconds > 0 else 0.0
     log.info(
-        "features: %d patches in %.1f s (%.1f patches/s) on %s", len(coords), seconds, rate, dev
+        "features: %d patches in %.1f s (%.1f patches/s) on %s, %s, batch %d, %d reader(s)",
+        len(coords),
+        seconds,
+        rate,
+        dev,
+        attrs["amp"],
+        batch_size,
+        workers or 1,
     )
-    return {"n_patches": len(coords), "seconds": seconds, "patches_per_s": rate}
+    return {"n_patches": len(coords), "seconds": seconds, "patches_per_s": rate, "workers": workers}

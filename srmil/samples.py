@@ -1,5 +1,6 @@
 """The sample sheet: one row per slide (`slide_id, path, patient_id, label`, optional
-`annotation` and `mpp`). Read and checked in one place, so the workflow and the CLI agree."""
+`annotation`, `mpp` and `segment_<setting>` overrides). Read and checked in one place, so the
+workflow and the CLI agree."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from srmil.errors import InputError
 
 REQUIRED = ("slide_id", "path")
 OPTIONAL = ("patient_id", "label", "annotation", "mpp")
+# Optional per-slide segmentation settings: a column `segment_<name>` overrides config.yaml's
+# segment.<name> for the rows where it is filled (e.g. segment_threshold, segment_exclude_pen).
+SEGMENT_PREFIX = "segment_"
 # Slide ids become file names and Snakemake wildcards: keep them to a portable alphabet.
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Labels that spreadsheets and R write for "no value": refused rather than taken as a class.
+MISSING_LABELS = frozenset({"na", "n/a", "nan", "none", "null", "?"})
 
 
 class SampleSheetError(InputError):
@@ -22,12 +28,16 @@ class SampleSheetError(InputError):
 
 
 def read_sample_sheet(
-    path: str | os.PathLike, check_files: bool = True, require_labels: bool = True
+    path: str | os.PathLike,
+    check_files: bool = True,
+    require_labels: bool = True,
+    classes: list[str] | None = None,
 ) -> pd.DataFrame:
     """Return the sheet with absolute `path`/`annotation`, `patient_id` filled from `slide_id`.
 
     Relative paths are relative to the sheet's folder. With `check_files`, every slide (and
-    annotation) must exist and be a file OpenSlide recognises.
+    annotation) must exist and be a file OpenSlide recognises. With `classes` (config.yaml's
+    `classes`), every filled label must be one of them: a typo would otherwise become a class.
     """
     sheet = Path(path)
     if not sheet.is_file():
@@ -67,11 +77,26 @@ def read_sample_sheet(
         raise SampleSheetError(
             f"{sheet}: slide_id {dup.iloc[0]!r} is listed twice; give each slide a unique id"
         )
+    placeholder = df["label"].str.lower().isin(MISSING_LABELS)
+    if placeholder.any():
+        row = df.loc[placeholder].iloc[0]
+        raise SampleSheetError(
+            f"{sheet}: slide {row['slide_id']!r} has label {row['label']!r}, which reads as a "
+            "missing value; fill in its label or remove its row"
+        )
     if require_labels:
         unlabelled = df.loc[df["label"] == "", "slide_id"]
         if len(unlabelled):
             raise SampleSheetError(
                 f"{sheet}: slide {unlabelled.iloc[0]!r} has no label; fill the label column"
+            )
+    if classes:
+        unknown = df.loc[(df["label"] != "") & ~df["label"].isin(classes)]
+        if len(unknown):
+            row = unknown.iloc[0]
+            raise SampleSheetError(
+                f"{sheet}: slide {row['slide_id']!r} has label {row['label']!r}, not one of "
+                f"classes {', '.join(classes)}; fix the label or the classes key in config.yaml"
             )
     df["patient_id"] = df["patient_id"].where(df["patient_id"] != "", df["slide_id"])
     if require_labels:
@@ -89,6 +114,7 @@ def read_sample_sheet(
     df["mpp"] = [
         _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
     ]
+    _check_segment_overrides(sheet, df)
     if check_files:
         for row in df.itertuples():
             check_slide_file(row.path, sheet)
@@ -100,6 +126,42 @@ def read_sample_sheet(
     return df.reset_index(drop=True)
 
 
+def _check_segment_overrides(sheet: Path, df: pd.DataFrame) -> None:
+    columns = [c for c in df.columns if c.startswith(SEGMENT_PREFIX)]
+    if not columns:
+        return
+    from srmil.segment import parse_override
+
+    for col in columns:
+        for slide_id, value in zip(df["slide_id"], df[col], strict=True):
+            if value == "":
+                continue
+            try:
+                parse_override(col.removeprefix(SEGMENT_PREFIX), value)
+            except KeyError:
+                raise SampleSheetError(
+                    f"{sheet}: column {col!r} names no segmentation setting; rename it to "
+                    f"{SEGMENT_PREFIX}<a key of the segment section of config.yaml>"
+                ) from None
+            except ValueError:
+                raise SampleSheetError(
+                    f"{sheet}: {col} {value!r} of slide {slide_id!r} is not a valid value; "
+                    "fix it or leave it empty"
+                ) from None
+
+
+def segment_overrides(row: pd.Series | dict) -> dict[str, object]:
+    """The filled `segment_<setting>` cells of one sheet row, typed, without the prefix."""
+    from srmil.segment import parse_override
+
+    items = row.items() if hasattr(row, "items") else dict(row).items()
+    return {
+        key.removeprefix(SEGMENT_PREFIX): parse_override(key.removeprefix(SEGMENT_PREFIX), value)
+        for key, value in items
+        if key.startswith(SEGMENT_PREFIX) and isinstance(value, str) and value.strip()
+    }
+
+
 def check_slide_file(
     path: str | os.PathLike, sheet: str | os.PathLike = "the sample sheet"
 ) -> None:
@@ -109,13 +171,18 @@ def check_slide_file(
     p = Path(path)
     if not p.is_file():
         raise SampleSheetError(f"{p}: slide file not found; fix its path in {sheet}")
+    if p.stat().st_size == 0:
+        raise SampleSheetError(
+            f"{p}: empty file (0 bytes); copy the slide again or remove its row from {sheet}"
+        )
     try:
         fmt = openslide.OpenSlide.detect_format(str(p))
     except (OSError, openslide.OpenSlideError):
         fmt = None
     if fmt is None:
         raise SampleSheetError(
-            f"{p}: not a slide OpenSlide can read; replace the file or remove its row from {sheet}"
+            f"{p}: not a slide OpenSlide can read (another format, or a truncated copy); "
+            f"replace the file or remove its row from {sheet}"
         )
 
 

@@ -1,10 +1,17 @@
-"""Tissue segmentation on a low-resolution view: saturation, Otsu, morphology -> polygons.
+"""Tissue segmentation on a low-resolution view: saturation, threshold, morphology -> polygons.
+
+The view is chosen by resolution (`seg_mpp`, refined for small slides, capped for huge ones) and
+read in bounded chunks, so memory does not grow with the slide. Pen ink (blue, green) and black
+areas (black ink, scanner borders) are found by colour and removed before thresholding, so they
+neither become tissue nor pull the Otsu threshold. Every size is given in µm or µm², so a
+setting means the same thing at every resolution.
 
 Polygons are written as GeoJSON in level-0 pixels (QuPath opens them), with a QC overlay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,107 +23,270 @@ import cv2
 import numpy as np
 
 from srmil import __version__, store
-from srmil.slide import level_for_downsample, open_slide, slide_info, to_rgb
+from srmil.errors import InputError
+from srmil.slide import level_for_downsample, open_slide, read_region, slide_info, to_rgb
 
 log = logging.getLogger(__name__)
 
-# Never hold more than this many pixels of a level at once while building the thumbnail.
-READ_CHUNK_PX = 4096
+# Never hold more than this many pixels per side of a level at once while building the view.
+READ_CHUNK_PX = 2048
+# Contours are traced on the final mask upsampled by up to this factor (bilinear, then 0.5),
+# so outlines follow pixel edges to a fraction of a view pixel instead of pixel centres.
+CONTOUR_SUPERSAMPLE = 4
+CONTOUR_MAX_SIDE = 8192
+# Polygons are rasterised this many times finer, then averaged (see polygons_mask).
+RASTER_SUPERSAMPLE = 4
+RASTER_MAX_SIDE = 16384
+# Glass is never more saturated than this; brighter "glass" is tissue covering the whole slide.
+MAX_GLASS_SATURATION = 30.0
+# QC images are at most this many px on the longer side.
+QC_MAX_SIDE = 2048
+
+
+class SegmentParamsError(InputError):
+    """A segmentation setting that cannot be used (config.yaml or a sample-sheet column)."""
 
 
 @dataclass
 class SegmentParams:
-    seg_mpp: float = 8.0  # µm/px of the view segmentation runs on
-    median_blur: int = 7  # px at that view, odd
+    seg_mpp: float = 8.0  # µm/px of the view segmentation runs on (the coarsest it will use)
+    min_view_px: int = 1024  # small slides: a finer view so its longer side has this many px,
+    min_seg_mpp: float = 2.0  # but never finer than this (cells, not tissue, at finer views)
+    max_view_px: int = 8192  # huge slides: a coarser view so its longer side stays within this
+    median_um: float = 32.0  # median filter width on the saturation (nuclei, JPEG noise)
     threshold: str | int = "otsu"  # "otsu" or a fixed saturation threshold 0-255
-    min_saturation: int = 8  # Otsu below this means an empty (white) slide, not faint tissue
-    close_um: float = 32.0  # morphological closing diameter
-    min_tissue_area_um2: float = 10_000.0
-    min_hole_area_um2: float = 2_000.0
+    min_saturation: int = 8  # Otsu closer than this to the glass's saturation: an empty slide
+    close_um: float = 16.0  # morphological closing diameter (joins tissue torn by white gaps)
+    min_tissue_area_um2: float = 5_000.0  # smaller pieces are dropped
+    min_hole_area_um2: float = 2_000.0  # smaller holes are filled
+    max_holes_per_piece: int = 64  # the largest holes of a piece are kept
+    exclude_pen: bool = True  # blue/green ink: more green than red, which H&E never has
+    pen_green_over_red: int = 10  # G - R above this (0-255) marks ink
+    exclude_dark: bool = True  # black ink and black scanner borders
+    dark_max_value: int = 60  # max(R, G, B) below this marks a black area
+    ink_margin_um: float = 4.0  # grow ink/black areas by this much (their soft edges)
+
+
+def params_from_dict(values: dict[str, Any], source: str = "config.yaml segment") -> SegmentParams:
+    """SegmentParams from a dict, refusing unknown keys with a one-line error naming them."""
+    names = {f.name for f in dataclasses.fields(SegmentParams)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SegmentParamsError(
+            f"{source}: unknown segmentation setting(s) {', '.join(unknown)}; "
+            f"use one of {', '.join(sorted(names))}"
+        )
+    return SegmentParams(**values)
+
+
+def parse_override(name: str, text: str) -> Any:
+    """A per-slide setting from a sample-sheet cell, typed like the SegmentParams field."""
+    fields = {f.name: f for f in dataclasses.fields(SegmentParams)}
+    if name not in fields:
+        raise KeyError(name)
+    default = fields[name].default
+    text = text.strip()
+    if name == "threshold":
+        return "otsu" if text.lower() == "otsu" else int(text)
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes"):
+            return True
+        if lowered in ("0", "false", "no"):
+            return False
+        raise ValueError(text)
+    if isinstance(default, int):
+        return int(text)
+    return float(text)
+
+
+# --- the view ---------------------------------------------------------------------------------
+
+
+def view_downsample(width: int, height: int, mpp: float, params: SegmentParams) -> float:
+    """Level-0 px per view px: `seg_mpp`, finer for small slides, coarser for huge ones."""
+    longer = max(width, height)
+    downsample = params.seg_mpp / mpp
+    downsample = min(downsample, max(longer / params.min_view_px, params.min_seg_mpp / mpp))
+    downsample = max(downsample, longer / params.max_view_px, 1.0)
+    return float(downsample)
 
 
 def thumbnail(slide, downsample: float) -> np.ndarray:
-    """RGB view of the slide at `downsample` (level-0 px per output px), read in bounded chunks."""
+    """RGB view of the slide at `downsample` (level-0 px per output px), read in bounded chunks
+    from the coarsest level that is not coarser than the view (never upsampled)."""
     level = level_for_downsample(tuple(slide.level_downsamples), downsample)
     level_ds = slide.level_downsamples[level]
     lw, lh = slide.level_dimensions[level]
-    scale = level_ds / downsample  # output px per level px, <= 1
-    out_w, out_h = max(1, round(lw * scale)), max(1, round(lh * scale))
+    w0, h0 = slide.dimensions
+    out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    sx, sy = out_w / lw, out_h / lh  # output px per level px, <= 1
     out = np.empty((out_h, out_w, 3), np.uint8)
     for y0 in range(0, lh, READ_CHUNK_PX):
         for x0 in range(0, lw, READ_CHUNK_PX):
             w, h = min(READ_CHUNK_PX, lw - x0), min(READ_CHUNK_PX, lh - y0)
+            ox0, oy0 = round(x0 * sx), round(y0 * sy)
+            ox1, oy1 = round((x0 + w) * sx), round((y0 + h) * sy)
+            if ox1 <= ox0 or oy1 <= oy0:
+                continue
             chunk = to_rgb(
-                slide.read_region((round(x0 * level_ds), round(y0 * level_ds)), level, (w, h))
+                read_region(slide, (round(x0 * level_ds), round(y0 * level_ds)), level, (w, h))
             )
-            ox0, oy0 = round(x0 * scale), round(y0 * scale)
-            ox1, oy1 = round((x0 + w) * scale), round((y0 + h) * scale)
-            if ox1 > ox0 and oy1 > oy0:
-                out[oy0:oy1, ox0:ox1] = cv2.resize(
-                    chunk, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA
-                )
+            if chunk.shape[:2] != (oy1 - oy0, ox1 - ox0):
+                chunk = cv2.resize(chunk, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
+            out[oy0:oy1, ox0:ox1] = chunk
     return out
 
 
-def tissue_mask(rgb: np.ndarray, view_mpp: float, params: SegmentParams) -> np.ndarray:
-    """Binary uint8 mask (0/1) of tissue on an RGB view whose pixels are `view_mpp` µm wide."""
-    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    k = params.median_blur | 1
-    sat = cv2.medianBlur(sat, k) if k > 1 else sat
-    if params.threshold == "otsu":
-        thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        thr = max(thr, params.min_saturation)
-    else:
-        thr = int(params.threshold)
-    mask = (sat > thr).astype(np.uint8)
-    d = max(1, round(params.close_um / view_mpp)) | 1
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
-    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+# --- the mask ---------------------------------------------------------------------------------
+
+
+def _odd(px: float) -> int:
+    return max(1, round(px)) | 1
+
+
+def _disk(diameter_px: float) -> np.ndarray:
+    d = _odd(diameter_px)
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
+
+
+def ink_mask(rgb: np.ndarray, view_mpp: float, params: SegmentParams) -> np.ndarray:
+    """uint8 0/1 mask of pen ink and black areas, grown by `ink_margin_um`.
+
+    H&E absorbs green at least as strongly as red (both stains do), so tissue never shows more
+    green than red; blue and green inks do. Black ink and scanner borders are simply dark: no
+    stained tissue is that dark at a few µm/px.
+    """
+    ink = np.zeros(rgb.shape[:2], np.uint8)
+    if not (params.exclude_pen or params.exclude_dark):
+        return ink
+    smooth = cv2.medianBlur(rgb, 3)
+    if params.exclude_pen:
+        green_minus_red = smooth[..., 1].astype(np.int16) - smooth[..., 0].astype(np.int16)
+        ink |= (green_minus_red > params.pen_green_over_red).astype(np.uint8)
+    if params.exclude_dark:
+        value = cv2.max(cv2.max(smooth[..., 0], smooth[..., 1]), smooth[..., 2])
+        ink |= (value < params.dark_max_value).astype(np.uint8)
+    if ink.any() and params.ink_margin_um > 0:
+        ink = cv2.dilate(ink, _disk(2 * params.ink_margin_um / view_mpp))
+    return ink
+
+
+def saturation_threshold(
+    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, params: SegmentParams
+) -> int:
+    """Otsu on the saturation outside ink (ink would pull it up), at least `min_saturation`
+    above the glass, whose saturation is read off the brightest pixels: on a slide without
+    tissue, Otsu would otherwise split the background's noise in two."""
+    if params.threshold != "otsu":
+        return int(params.threshold)
+    clean = ink == 0
+    values = sat[clean] if ink.any() else sat.ravel()
+    if values.size == 0:
+        return 255
+    thr, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    bright = value[clean] if ink.any() else value.ravel()
+    glass = (
+        sat[clean][bright >= np.percentile(bright, 99)]
+        if ink.any()
+        else (sat.ravel()[bright >= np.percentile(bright, 99)])
+    )
+    floor = min(float(np.median(glass)), MAX_GLASS_SATURATION) + params.min_saturation
+    return int(max(thr, floor))
+
+
+def tissue_mask(
+    rgb: np.ndarray, view_mpp: float, params: SegmentParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue, excluded ink) uint8 0/1 masks of an RGB view whose pixels are `view_mpp` µm."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    k = min(_odd(params.median_um / view_mpp), 255)
+    sat = cv2.medianBlur(hsv[..., 1], k) if k > 1 else hsv[..., 1]
+    value = cv2.medianBlur(hsv[..., 2], k) if k > 1 else hsv[..., 2]
+    ink = ink_mask(rgb, view_mpp, params)
+    mask = (sat > saturation_threshold(sat, value, ink, params)).astype(np.uint8)
+    if params.close_um > 0:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(params.close_um / view_mpp))
+    # Ink goes after closing, so closing cannot bridge a stroke drawn across tissue.
+    mask[ink > 0] = 0
+    return mask, ink
 
 
 def mask_to_polygons(
     mask: np.ndarray, view_mpp: float, downsample: float, params: SegmentParams
 ) -> list[dict[str, Any]]:
-    """Tissue pieces with their holes as GeoJSON polygons in level-0 px, small ones dropped."""
-    contours, hierarchy = cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    """Tissue pieces with their holes as GeoJSON polygons in level-0 px; small pieces dropped,
+    small holes filled, at most `max_holes_per_piece` (the largest) kept per piece."""
+    factor = max(1, min(CONTOUR_SUPERSAMPLE, CONTOUR_MAX_SIDE // max(mask.shape)))
+    fine = mask
+    if factor > 1:
+        h, w = mask.shape
+        fine = cv2.resize(mask * 255, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR)
+        fine = (fine >= 128).astype(np.uint8)
+    contours, hierarchy = cv2.findContours(fine, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
-    px_area_um2 = view_mpp**2
+    px_area_um2 = (view_mpp / factor) ** 2
+    scale = downsample / factor  # level-0 px per fine px
     polygons = []
     for i, contour in enumerate(contours):
         if hierarchy[0][i][3] != -1:  # a hole: handled with its parent
             continue
-        if cv2.contourArea(contour) * px_area_um2 < params.min_tissue_area_um2:
-            continue
-        rings = [_ring(contour, downsample)]
+        holes = []
         child = hierarchy[0][i][2]
         while child != -1:
-            if cv2.contourArea(contours[child]) * px_area_um2 >= params.min_hole_area_um2:
-                rings.append(_ring(contours[child], downsample))
+            area = cv2.contourArea(contours[child]) * px_area_um2
+            if area >= params.min_hole_area_um2:
+                holes.append((area, child))
             child = hierarchy[0][child][0]
-        polygons.append({"type": "Polygon", "coordinates": rings})
+        holes.sort(key=lambda t: (-t[0], t[1]))
+        holes = holes[: params.max_holes_per_piece]
+        area = cv2.contourArea(contour) * px_area_um2 - sum(a for a, _ in holes)
+        if area < params.min_tissue_area_um2:
+            continue
+        rings = [_ring(contour, scale, outer=True)]
+        for _, j in sorted(holes, key=lambda t: t[1]):  # holes in contour order
+            rings.append(_ring(contours[j], scale, outer=False))
+        polygons.append({"type": "Polygon", "coordinates": [r for r in rings if r]})
     return polygons
 
 
-def _ring(contour: np.ndarray, downsample: float) -> list[list[float]]:
-    pts = (contour.reshape(-1, 2).astype(np.float64) + 0.5) * downsample
-    pts = np.round(pts, 1).tolist()
-    return pts + [pts[0]]  # GeoJSON rings are closed
+def _ring(contour: np.ndarray, scale: float, outer: bool) -> list[list[float]]:
+    """A closed ring in level-0 px (contour points are pixel centres), wound as RFC 7946 asks:
+    exteriors counter-clockwise, holes clockwise (in x/y as written)."""
+    pts = cv2.approxPolyDP(contour, 0.7, True).reshape(-1, 2)
+    if len(pts) < 3:
+        pts = contour.reshape(-1, 2)
+    xy = (pts.astype(np.float64) + 0.5) * scale
+    area2 = float(np.sum(xy[:, 0] * np.roll(xy[:, 1], -1) - np.roll(xy[:, 0], -1) * xy[:, 1]))
+    if (area2 > 0) != outer:
+        xy = xy[::-1]
+    ring = np.round(xy, 1).tolist()
+    return ring + [ring[0]]
+
+
+# --- polygons in and out ----------------------------------------------------------------------
 
 
 def polygons_mask(
     polygons: list[dict[str, Any]], shape: tuple[int, int], downsample: float
 ) -> np.ndarray:
-    """Rasterise level-0 polygons (with holes) to a uint8 0/1 mask of `shape` at `downsample`."""
-    mask = np.zeros(shape, np.uint8)
+    """Rasterise level-0 polygons (with holes) to a uint8 0/1 mask of `shape` at `downsample`;
+    vertices keep 1/16 px precision."""
+    # fillPoly also sets every pixel an edge touches (about half a pixel too much all round):
+    # draw `factor` times finer and keep the pixels that are at least half covered.
+    factor = max(1, min(RASTER_SUPERSAMPLE, RASTER_MAX_SIDE // max(1, *shape)))
+    fine = np.zeros((shape[0] * factor, shape[1] * factor), np.uint8)
     for poly in polygons:
-        rings = [
-            np.round(np.asarray(r) / downsample - 0.5).astype(np.int32) for r in poly["coordinates"]
-        ]
-        cv2.fillPoly(mask, rings[:1], 1)
+        rings = _pixel_rings(poly, downsample / factor)
+        cv2.fillPoly(fine, rings[:1], 1, cv2.LINE_8, 4)
         if len(rings) > 1:
-            cv2.fillPoly(mask, rings[1:], 0)
-    return mask
+            cv2.fillPoly(fine, rings[1:], 0, cv2.LINE_8, 4)
+    if factor == 1:
+        return fine
+    fine *= 255
+    coarse = cv2.resize(fine, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return (coarse >= 128).astype(np.uint8)
 
 
 def read_geojson_polygons(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -125,7 +295,7 @@ def read_geojson_polygons(path: str | os.PathLike) -> list[dict[str, Any]]:
     features = data.get("features", [data]) if isinstance(data, dict) else data
     polygons = []
     for feature in features:
-        geom = feature.get("geometry", feature)
+        geom = feature.get("geometry", feature) or {}
         if geom.get("type") == "Polygon":
             polygons.append(geom)
         elif geom.get("type") == "MultiPolygon":
@@ -133,35 +303,67 @@ def read_geojson_polygons(path: str | os.PathLike) -> list[dict[str, Any]]:
     return polygons
 
 
+# --- QC ---------------------------------------------------------------------------------------
+
+
+def _pixel_rings(poly: dict[str, Any], downsample: float) -> list[np.ndarray]:
+    return [
+        np.round((np.asarray(r, np.float64) / downsample - 0.5) * 16).astype(np.int32)
+        for r in poly["coordinates"]
+    ]
+
+
 def draw_overlay(
     rgb: np.ndarray,
     downsample: float,
     tissue: list[dict[str, Any]],
     annotation: list[dict[str, Any]] | None = None,
+    excluded: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Thumbnail with tissue outlines (green), holes (blue) and tumour annotation (red)."""
+    """Thumbnail with tissue outlines (green), holes (blue), excluded ink and black areas
+    (orange) and the tumour annotation (red)."""
     out = rgb.copy()
-    thick = max(1, round(max(out.shape[:2]) / 400))
+    thick = max(1, round(max(out.shape[:2]) / 500))
+    if excluded is not None and excluded.any():
+        edges = cv2.morphologyEx(excluded, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        out[edges > 0] = (255, 140, 0)
     for poly in tissue:
-        rings = [
-            np.round(np.asarray(r) / downsample - 0.5).astype(np.int32) for r in poly["coordinates"]
-        ]
-        cv2.polylines(out, rings[:1], True, (0, 160, 0), thick)
-        cv2.polylines(out, rings[1:], True, (0, 80, 255), thick)
+        rings = _pixel_rings(poly, downsample)
+        cv2.polylines(out, rings[:1], True, (0, 160, 0), thick, cv2.LINE_AA, 4)
+        cv2.polylines(out, rings[1:], True, (0, 80, 255), thick, cv2.LINE_AA, 4)
     for poly in annotation or []:
-        rings = [
-            np.round(np.asarray(r) / downsample - 0.5).astype(np.int32) for r in poly["coordinates"]
-        ]
-        cv2.polylines(out, rings, True, (220, 0, 0), thick)
+        cv2.polylines(out, _pixel_rings(poly, downsample), True, (220, 0, 0), thick, cv2.LINE_AA, 4)
     return out
 
 
+def qc_scale(rgb: np.ndarray, downsample: float) -> tuple[np.ndarray, float]:
+    """The view shrunk to at most QC_MAX_SIDE px, with its downsample."""
+    longer = max(rgb.shape[:2])
+    if longer <= QC_MAX_SIDE:
+        return rgb, downsample
+    f = QC_MAX_SIDE / longer
+    size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
+    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return small, downsample * rgb.shape[1] / size[0]
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 2])
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
     with store.atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InputError(f"{path}: not a readable PNG; rerun the segment step for this slide")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# --- the stage --------------------------------------------------------------------------------
 
 
 def segment_slide(
@@ -177,23 +379,27 @@ def segment_slide(
     params = params or SegmentParams()
     with open_slide(slide_path) as slide:
         info = slide_info(slide, slide_path, mpp_override, mpp_fallback)
-        downsample = max(1.0, params.seg_mpp / info.mpp)
+        downsample = view_downsample(info.width, info.height, info.mpp, params)
         rgb = thumbnail(slide, downsample)
+    downsample = info.width / rgb.shape[1]  # the exact scale after rounding the view size
     view_mpp = info.mpp * downsample
-    polygons = mask_to_polygons(tissue_mask(rgb, view_mpp, params), view_mpp, downsample, params)
-    tissue_area_mm2 = float(
-        polygons_mask(polygons, rgb.shape[:2], downsample).sum() * view_mpp**2 / 1e6
-    )
+    mask, ink = tissue_mask(rgb, view_mpp, params)
+    polygons = mask_to_polygons(mask, view_mpp, downsample, params)
+    tissue_area_um2 = sum(_polygon_area(p) for p in polygons) * info.mpp**2
     if not polygons:
         log.warning("%s: no tissue found; the slide will have no patches", slide_path)
+    qc_rgb, qc_downsample = qc_scale(rgb, downsample)
     summary = {
         "slide": str(slide_path),
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
-        "seg_downsample": downsample,
+        "seg_downsample": round(downsample, 6),
+        "seg_view_mpp": round(view_mpp, 6),
+        "qc_downsample": round(qc_downsample, 6),
         "n_pieces": len(polygons),
         "n_holes": sum(len(p["coordinates"]) - 1 for p in polygons),
-        "tissue_area_mm2": round(tissue_area_mm2, 4),
+        "tissue_area_mm2": round(tissue_area_um2 / 1e6, 4),
+        "excluded_ink_fraction": round(float(ink.mean()), 4),
         "params": asdict(params),
         "srmil_version": __version__,
     }
@@ -205,9 +411,22 @@ def segment_slide(
         }
         for poly in polygons
     ]
-    store.write_json(
-        out_geojson, {"type": "FeatureCollection", "features": features, "properties": summary}
-    )
+    # Compact JSON: outlines have many vertices, and QuPath does not need indentation.
+    collection = {"type": "FeatureCollection", "features": features, "properties": summary}
+    text = json.dumps(collection, sort_keys=True, separators=(",", ":"))
+    store.write_text(out_geojson, text + "\n")
     tumour = read_geojson_polygons(annotation) if annotation else None
-    write_png(out_qc_png, draw_overlay(rgb, downsample, polygons, tumour))
+    if qc_rgb is not rgb:
+        ink = cv2.resize(ink, qc_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    write_png(out_qc_png, draw_overlay(qc_rgb, qc_downsample, polygons, tumour, ink))
     return summary
+
+
+def _polygon_area(poly: dict[str, Any]) -> float:
+    """Area in level-0 px² (exterior minus holes, shoelace)."""
+    total = 0.0
+    for i, ring in enumerate(poly["coordinates"]):
+        xy = np.asarray(ring, np.float64)
+        a = 0.5 * abs(float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1])))
+        total += a if i == 0 else -a
+    return total

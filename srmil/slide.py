@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from srmil.errors import InputError
+from srmil.errors import InputError, one_line
 
 
 class SlideError(InputError):
@@ -33,12 +33,38 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     p = Path(path)
     if not p.is_file():
         raise SlideError(f"{p}: slide file not found; fix its path in the sample sheet")
+    if p.stat().st_size == 0:
+        raise SlideError(
+            f"{p}: empty file (0 bytes); copy the slide again or remove its row from the "
+            "sample sheet"
+        )
     try:
         return openslide.OpenSlide(str(p))
     except (openslide.OpenSlideError, OSError) as err:
+        # A recognised format that fails to open is usually a truncated or damaged copy.
         raise SlideError(
-            f"{p}: OpenSlide cannot open it ({err}); replace the file or remove its "
-            "row from the sample sheet"
+            f"{p}: OpenSlide cannot open it ({one_line(err)}); the file may be truncated or "
+            "damaged: copy it again, or remove its row from the sample sheet"
+        ) from err
+
+
+def read_region(
+    slide: openslide.OpenSlide,
+    location: tuple[int, int],
+    level: int,
+    size: tuple[int, int],
+    path: str | os.PathLike | None = None,
+):
+    """`slide.read_region`, with unreadable pixel data (a truncated or damaged file opens, then
+    fails here) raised as a one-line SlideError naming the file and where it failed."""
+    try:
+        return slide.read_region(location, level, size)
+    except openslide.OpenSlideError as err:
+        path = path or getattr(slide, "_filename", "the slide")
+        raise SlideError(
+            f"{path}: pixel data at level {level}, x={location[0]} y={location[1]} cannot be "
+            f"read ({one_line(err)}); the file is truncated or damaged: copy it again, or "
+            "remove its row from the sample sheet"
         ) from err
 
 
@@ -93,12 +119,14 @@ def level_for_downsample(level_downsamples: tuple[float, ...], downsample: float
 def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
     """A whole pyramid level as RGB uint8 (alpha-composited on white)."""
     w, h = slide.level_dimensions[level]
-    return to_rgb(slide.read_region((0, 0), level, (w, h)))
+    return to_rgb(read_region(slide, (0, 0), level, (w, h)))
 
 
 def to_rgb(region) -> np.ndarray:
     """RGBA PIL image from read_region -> RGB uint8 array; transparent areas become white."""
     rgba = np.asarray(region)
+    if rgba[..., 3].min() == 255:  # opaque (the usual case): no compositing needed
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     return ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)

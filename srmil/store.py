@@ -7,6 +7,7 @@ interrupted job never leaves a half-written output that a rerun would take as co
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -17,15 +18,26 @@ from typing import Any
 
 import numpy as np
 
+from srmil.errors import InputError
+
 # Written as the last step of a feature/graph store; a store without it is incomplete.
 COMPLETE_ATTR = "srmil_complete"
 
 
+class StoreError(InputError):
+    """A store that is missing, unreadable or incomplete; the message names it and the fix."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
+
+    The temporary is a hidden sibling (`.{name}.XXXX.tmp{suffix}`). A process killed mid-write
+    (SIGKILL, power cut) leaves it behind; the next write of the same path removes it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     os.unlink(tmp)
@@ -40,6 +52,16 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale(path: Path, suffix: str) -> None:
+    """Temporaries of earlier, killed writes of `path`. One job writes an output at a time
+    (Snakemake locks it), so any left now belong to a writer that is gone."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{suffix}"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -125,14 +147,34 @@ def write_feature_store(
         group.attrs[COMPLETE_ATTR] = True
 
 
-def read_feature_store(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Return (features N x D float32, coords N x 2 int64, attrs); refuse incomplete stores."""
+def read_store_attrs(path: str | os.PathLike, step: str = "features") -> dict[str, Any]:
+    """The attributes of a complete feature or graph store; StoreError for a missing,
+    unreadable or incomplete one (`step`, features or graphs, names the stage that writes it)."""
+    return dict(_open_complete(path, step).attrs)
+
+
+def _open_complete(path: str | os.PathLike, step: str):
     import zarr
 
-    group = zarr.open_group(str(path), mode="r")
+    kind = {"features": "feature", "graphs": "graph"}.get(step, step)
+    try:
+        # Zarr v3 only, as written here: no codec of it unpickles (v2 object arrays could).
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        complete = bool(group.attrs.get(COMPLETE_ATTR))
+    except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError) as err:
+        raise StoreError(
+            f"{path}: not a readable {kind} store ({type(err).__name__}); delete it and "
+            f"rerun the {step} step"
+        ) from err
+    if not complete:  # a write that never finished (a store copied or written by hand)
+        raise StoreError(f"{path}: incomplete {kind} store; delete it and rerun the {step} step")
+    return group
+
+
+def read_feature_store(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return (features N x D float32, coords N x 2 int64, attrs); refuse incomplete stores."""
+    group = _open_complete(path, "features")
     attrs = dict(group.attrs)
-    if not attrs.get(COMPLETE_ATTR):
-        raise ValueError(f"{path}: incomplete feature store; delete it and rerun the features step")
     return (
         np.asarray(group["features"][...], dtype=np.float32),
         np.asarray(group["coords"][...], dtype=np.int64),
@@ -158,10 +200,37 @@ def write_graph_store(
 
 
 def read_graph_store(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
+    group = _open_complete(path, "graphs")
     attrs = dict(group.attrs)
-    if not attrs.get(COMPLETE_ATTR):
-        raise ValueError(f"{path}: incomplete graph store; delete it and rerun the graphs step")
     return np.asarray(group["edge_index"][...], dtype=np.int64), attrs
+
+
+# --- checkpoints: plain state dicts, never unpickled objects --------------------------------
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's tensors, loaded with `weights_only=True` (only tensors and plain
+    containers are rebuilt, never arbitrary pickled objects, so a file from elsewhere cannot
+    run code); StoreError naming the file when it is missing or holds anything else."""
+    import pickle  # only for the exception type torch raises; nothing is unpickled with it
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: checkpoint not found; run the train step")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = "it holds Python objects besides tensors, which srmil never unpickles"
+        else:
+            reason = (text.splitlines()[0] if text else type(err).__name__)[:200]
+        raise StoreError(
+            f"{path}: not a plain tensor checkpoint ({reason}); srmil loads only state dicts "
+            "saved with torch.save(model.state_dict(), path)"
+        ) from err
+    if not isinstance(state, dict):
+        raise StoreError(f"{path}: holds no state dict; save model.state_dict()")
+    return state

@@ -2,7 +2,8 @@
 
 The selected model is the one with the best validation accuracy among the epochs after
 `select_after * epochs` (ties: higher validation AUC, then the earlier epoch). It is written as a
-plain state dict beside a JSON (config, classes, split, provenance) and a CSV of the epochs.
+plain state dict beside a JSON (config, classes, split, provenance), a CSV of the epochs and the
+training slides' attention statistics per epoch (.attention.json, see srmil.attention).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from srmil import __version__
+from srmil.attention import AttentionRecorder
 from srmil.data import Bag, load_bag
 from srmil.errors import InputError
 from srmil.evaluate import classification_metrics, predict_bags
 from srmil.models import MODEL_NAMES, build_model, default_hparams
-from srmil.store import atomic_path, read_json, write_json, write_text
+from srmil.store import atomic_path, load_state_dict, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,11 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
                             hparams=hparams).to(dev)
         if config.standardize_features:
             model.scaler.fit([bag.x for bag in train_bags])
+        # Attention diagnostics (paper Fig. 3) on the training slides, every epoch.
+        recorder = AttentionRecorder.for_bags(train_bags, samples)
         epoch_log, best_state = _fit(model, config, train_bags, val_bags, labels, len(classes),
-                                     dev, seed, desc=f"{model_name} fold {fold}")
+                                     dev, seed, desc=f"{model_name} fold {fold}",
+                                     recorder=recorder)
 
     selected = epoch_log.loc[epoch_log["selected"] == 1].iloc[0]
     meta = {
@@ -186,6 +191,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
         torch.save(best_state, tmp)
     write_text(out_path.with_suffix(".csv"), epoch_log.to_csv(index=False))
     write_json(out_path.with_suffix(".json"), meta)
+    write_json(out_path.with_suffix(".attention.json"), recorder.to_json())
     return meta
 
 
@@ -196,7 +202,7 @@ def load_model(pt_path: str | os.PathLike,
     meta = read_json(pt_path.with_suffix(".json"))
     model = build_model(meta["model"], in_dim=meta["in_dim"], n_classes=len(meta["classes"]),
                         hparams=meta["model_hparams"])
-    state = torch.load(pt_path, map_location="cpu", weights_only=True)
+    state = load_state_dict(pt_path)  # torch.load(weights_only=True): nothing is unpickled
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
@@ -206,7 +212,8 @@ def load_model(pt_path: str | os.PathLike,
 
 def _fit(model: torch.nn.Module, config: TrainConfig, train_bags: list[Bag], val_bags: list[Bag],
          labels: dict[str, int], n_classes: int, device: torch.device, seed: int,
-         desc: str) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+         desc: str, recorder: AttentionRecorder | None = None
+         ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """Train for `config.epochs` (or until early stopping); return the per-epoch log with its
     `selected` column and the selected epoch's state dict (on the CPU)."""
     y_train = [labels[b.slide_id] for b in train_bags]
@@ -220,7 +227,7 @@ def _fit(model: torch.nn.Module, config: TrainConfig, train_bags: list[Bag], val
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update(_train_epoch(model, optimizer, train_bags, y_train, shuffle))
         scheduler.step()
-        row["train_acc"] = _accuracy(model, train_bags, y_train, device)
+        row["train_acc"] = _accuracy(model, train_bags, y_train, device, recorder, epoch)
         row.update(_validate(model, val_bags, y_val, n_classes, device))
         rows.append(row)
         # The rule is re-applied to the table so far; snapshot when it picks this epoch.
@@ -255,9 +262,12 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bags:
 
 
 def _accuracy(model: torch.nn.Module, bags: list[Bag], labels: list[int],
-              device: torch.device) -> float:
+              device: torch.device, recorder: AttentionRecorder | None = None,
+              epoch: int = 0) -> float:
     # Evaluated unmasked, in eval mode: the accuracy the model would have at inference.
-    probs, _ = predict_bags(model, bags, device)
+    probs, attention = predict_bags(model, bags, device)
+    if recorder is not None:
+        recorder.add(epoch, attention)
     return float(np.mean(probs.argmax(axis=1) == np.asarray(labels)))
 
 

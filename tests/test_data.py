@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from srmil.data import load_bag, make_splits
-from srmil.store import write_feature_store, write_graph_store
+from srmil.cli import main as cli_main
+from srmil.data import fold_count, load_bag, make_splits, read_split_file
+from srmil.errors import InputError
+from srmil.store import read_json, write_feature_store, write_graph_store, write_json
 
 STRIDE_PX = 224
 FEATURE_ATTRS = {"backbone": "toy", "weights_hash": "0" * 8, "mpp": 0.5, "patch_px": 224}
@@ -119,6 +121,125 @@ def test_splits_refuse_a_patient_with_two_labels():
     samples.loc[0, "patient_id"] = samples.loc[9, "patient_id"]
     with pytest.raises(ValueError, match="different labels"):
         make_splits(samples)
+
+
+# --- fixed split files -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sheet() -> pd.DataFrame:
+    """8 patients (P000-P003 neg, P004-P007 pos); P001 and P005 have two slides."""
+    rows = []
+    for p in range(8):
+        for s in range(2 if p in (1, 5) else 1):
+            rows.append({"slide_id": f"s{p}{'ab'[s]}", "patient_id": f"P{p:03d}",
+                         "label": "neg" if p < 4 else "pos"})
+    return pd.DataFrame(rows)
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text.strip() + "\n")
+    return path
+
+
+def test_split_csv_by_slide_with_folds(tmp_path, sheet):
+    lines = ["slide_id,part,fold"]
+    for fold, test in enumerate([("s0a", "s4a"), ("s2a", "s6a")]):
+        for slide in sheet["slide_id"]:
+            part = "test" if slide in test else "val" if slide in ("s3a", "s7a") else "train"
+            lines.append(f"{slide},{part},{fold}")
+    path = write_csv(tmp_path / "split.csv", "\n".join(lines))
+    assert fold_count(path) == 2
+    splits = read_split_file(path, sheet)
+    assert splits["classes"] == ["neg", "pos"] and splits["n_folds"] == 2
+    assert splits["split_file"] == str(path)
+    assert splits["folds"][0] == {"test": ["s0a", "s4a"], "val": ["s3a", "s7a"],
+                                  "train": ["s1a", "s1b", "s2a", "s5a", "s5b", "s6a"]}
+    assert splits["folds"][1]["test"] == ["s2a", "s6a"]
+
+
+def test_split_csv_by_patient_one_fold_draws_validation(tmp_path, sheet):
+    path = write_csv(tmp_path / "split.csv", """
+patient_id,part
+P000,test
+P004,test
+P001,train
+P002,train
+P003,train
+P005,train
+P006, Train
+P007,train
+""")
+    assert fold_count(path) == 1
+    splits = read_split_file(path, sheet, val_fraction=0.25, seed=1)
+    (fold,) = splits["folds"]
+    assert fold["test"] == ["s0a", "s4a"]
+    # One validation patient per class drawn from training; a patient's slides move together.
+    val_patients = {s[1] for s in fold["val"]}
+    assert len(val_patients) == 2 and {int(p) < 4 for p in val_patients} == {True, False}
+    assert not set(fold["val"]) & set(fold["train"])
+    assert sorted(fold["val"] + fold["train"]) == ["s1a", "s1b", "s2a", "s3a", "s5a", "s5b",
+                                                   "s6a", "s7a"]
+    assert read_split_file(path, sheet, val_fraction=0.25, seed=1) == splits  # seeded
+    assert read_split_file(path, sheet, val_fraction=0.0)["folds"][0]["val"] == []
+
+
+def test_split_json_and_reusing_a_splits_file(tmp_path, sheet):
+    made = make_splits(sheet, n_folds=2, val_fraction=0.25, seed=0)
+    write_json(tmp_path / "splits.json", made)
+    again = read_split_file(tmp_path / "splits.json", sheet)
+    assert again["folds"] == made["folds"] and again["classes"] == made["classes"]
+    assert fold_count(tmp_path / "splits.json") == 2
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("slide_id,part\ns0a,test\nnope,train", "slide_id 'nope' not in the sample sheet"),
+    ("slide_id,part\ns1a,test\ns1b,train\ns4a,train\ns0a,train",
+     "patient 'P001' has slides in both the train and the test part of fold 0"),
+    ("slide_id,part\ns0a,test\ns0a,train", "'s0a' appears twice in fold 0"),
+    ("slide_id,part\ns0a,testing", "row 2 has part 'testing'"),
+    ("slide_id,part,fold\ns0a,test,0\ns4a,train,2", "fold 1 has no rows"),
+    ("slide_id,part,fold\ns0a,test,x", "row 2 has fold 'x'"),
+    ("slide_id,part\ns0a,train\ns4a,train", "fold 0 has no test slides"),
+    ("slide_id,part\ns0a,test\ns1a,train\ns2a,train", "holds only class 'neg'"),
+    ("slide,part\ns0a,test", "needs one id column"),
+    ("slide_id,patient_id,part\ns0a,P000,test", "needs one id column"),
+])
+def test_split_csv_errors_name_the_file_and_the_fix(tmp_path, sheet, text, message):
+    path = write_csv(tmp_path / "split.csv", text)
+    with pytest.raises(InputError, match=message) as err:
+        read_split_file(path, sheet)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "cannot read the split file as JSON"),
+    ('{"folds": []}', 'needs "folds"'),
+    ('{"folds": [{"train": ["s0a"], "test": "s4a"}]}', "fold 0 must map"),
+    ('{"folds": [{"train": ["s0a"], "test": ["s0a"]}]}', "'s0a' appears twice"),
+])
+def test_split_json_errors(tmp_path, sheet, content, message):
+    path = tmp_path / "split.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_split_file(path, sheet)
+    with pytest.raises(InputError, match="split file not found"):
+        fold_count(tmp_path / "missing.csv")
+
+
+def test_cli_splits_with_a_split_file(tmp_path, sheet, capsys):
+    sheet_path = tmp_path / "samples.csv"
+    sheet.assign(path="x.svs").to_csv(sheet_path, index=False)
+    split = write_csv(tmp_path / "split.csv", "patient_id,part\nP000,test\nP004,test\n" + "\n".join(
+        f"P{p:03d},train" for p in (1, 2, 3, 5, 6, 7)))
+    out = tmp_path / "splits.json"
+    assert cli_main(["splits", "--samples", str(sheet_path), "--out", str(out),
+                     "--split-file", str(split), "--val-fraction", "0.25"]) == 0
+    assert read_json(out)["folds"][0]["test"] == ["s0a", "s4a"]
+    bad = write_csv(tmp_path / "bad.csv", "patient_id,part\nP999,test")
+    assert cli_main(["splits", "--samples", str(sheet_path), "--out", str(out),
+                     "--split-file", str(bad)]) == 1
+    assert "P999" in capsys.readouterr().err
 
 
 # --- load_bag ---------------------------------------------------------------------------------

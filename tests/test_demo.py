@@ -227,3 +227,71 @@ def test_rendered_slide_looks_like_he(demo_dir: Path) -> None:
     assert r > g + 30 and b > g + 20  # pink: red and blue well above green
     assert cancer.sum() < stroma.sum() - 120  # tumour is much darker
     assert cancer[2] - cancer[0] > stroma[2] - stroma[0] + 10  # and bluer
+
+
+def one_slide(out: Path, name: str, label: str = demo.NEGATIVE, **kwargs) -> dict[str, str]:
+    row = {"slide_id": name, "path": f"slides/{name}.tif", "patient_id": name, "label": label,
+           "annotation": f"annotations/{name}.geojson" if label == demo.POSITIVE else ""}
+    demo.write_slide(out, row, 3, SEED, **kwargs)
+    return row
+
+
+def test_pen_ink_and_black_border_are_drawn_and_not_tissue(tmp_path: Path) -> None:
+    one_slide(tmp_path, "pen", width_px=1024, height_px=768, mpp=MPP,
+              artifacts=demo.Artifacts(pen_strokes=2, black_border=True))
+    one_slide(tmp_path, "plain", width_px=1024, height_px=768, mpp=MPP)
+    pen, plain = read_mask(tmp_path, "pen", "tissue"), read_mask(tmp_path, "plain", "tissue")
+    assert not (pen & ~plain).any()  # ink and border only ever remove tissue
+    with openslide.OpenSlide(tmp_path / "slides/pen.tif") as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    r, g = rgb[..., 0].astype(int), rgb[..., 1].astype(int)
+    dark = rgb.max(axis=2) < 60
+    assert ((g - r > 10) | dark).mean() > 0.005  # ink (green over red) or black is there
+    with openslide.OpenSlide(tmp_path / "slides/plain.tif") as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    assert ((rgb[..., 1].astype(int) - rgb[..., 0] > 10) | (rgb.max(axis=2) < 60)).mean() < 1e-4
+
+
+def test_banded_rendering_matches_the_geometry(tmp_path: Path) -> None:
+    rng = np.random.default_rng([SEED, 3])
+    geometry = demo.slide_geometry(rng, 1024, 768, MPP, positive=True)
+    fields = demo.slide_fields(np.random.default_rng([SEED, 3]), 1024, 768, MPP, positive=True)
+    for y0, y1 in ((0, 512), (512, 768), (100, 333)):
+        tissue, tumour = fields.masks(y0, y1)
+        assert np.array_equal(tissue, geometry.tissue[y0:y1])
+        assert np.array_equal(tumour, geometry.tumour[y0:y1])
+    row = one_slide(tmp_path, "band", demo.POSITIVE, width_px=1024, height_px=768, mpp=MPP,
+                    banded=True)
+    with openslide.OpenSlide(tmp_path / row["path"]) as slide:
+        assert slide.dimensions == (1024, 768) and slide.level_count == 2
+        assert slide.level_downsamples[1] == pytest.approx(4)
+        assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(MPP)
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    expected = demo.mask_at_downsample(geometry.tissue) > 0
+    assert np.array_equal(read_mask(tmp_path, "band", "tissue"), expected)
+    assert json.loads((tmp_path / row["annotation"]).read_text())["features"]
+    # H&E where the tissue is, glass elsewhere, and no seam where bands meet (row 512).
+    assert rgb[geometry.tissue].mean() < rgb[~geometry.tissue].mean() - 20
+    seam = np.abs(rgb[512].astype(int) - rgb[511]).mean()
+    inside = np.abs(rgb[300].astype(int) - rgb[299]).mean()
+    assert seam < 2 * inside + 5
+
+
+def test_slide_without_mpp_in_the_file(tmp_path: Path) -> None:
+    for suffix in ("svs", "tif"):
+        row = {"slide_id": suffix, "path": f"slides/x.{suffix}", "patient_id": "p",
+               "label": demo.NEGATIVE, "annotation": ""}
+        demo.write_slide(tmp_path, row, 0, SEED, 1024, 768, MPP, file_mpp=False)
+        with openslide.OpenSlide(tmp_path / row["path"]) as slide:
+            assert openslide.PROPERTY_NAME_MPP_X not in slide.properties
+
+
+def test_biopsy_fragments_stay_in_their_box() -> None:
+    rng = np.random.default_rng([SEED, 0])
+    mpp = 1.0
+    geometry = demo.slide_geometry(rng, 4096, 3072, mpp, False, demo.BIOPSY)
+    ys, xs = np.nonzero(geometry.tissue)
+    box_w, box_h = (e / mpp for e in demo.BIOPSY.extent_um)
+    assert xs.min() >= (4096 - box_w) / 2 - 60 and xs.max() <= (4096 + box_w) / 2 + 60
+    assert ys.min() >= (3072 - box_h) / 2 - 60 and ys.max() <= (3072 + box_h) / 2 + 60
+    assert len(geometry.pieces) >= 2

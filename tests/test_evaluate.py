@@ -1,6 +1,9 @@
-"""Metrics against hand-computed values, and a cross-validated run end to end on a toy task."""
+"""Metrics, bootstrap intervals and attention diagnostics against hand-computed values; a
+cross-validated toy run end to end with its plots, the model comparison and the ablation summary."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -8,8 +11,23 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
+from srmil.attention import (
+    AttentionRecorder,
+    epoch_summaries,
+    patch_annotation_fractions,
+    positive_patches,
+    slide_attention_stats,
+    summarise_stats,
+)
 from srmil.data import make_splits
-from srmil.evaluate import classification_metrics, evaluate_model
+from srmil.evaluate import (
+    bootstrap_intervals,
+    classification_metrics,
+    compare_models,
+    evaluate_model,
+    plot_roc,
+    summarise_ablation,
+)
 from srmil.store import read_json
 from srmil.train import train_fold
 
@@ -64,7 +82,7 @@ def cohort(tmp_path_factory):
 
 TOY_SETTINGS = {
     "abmil": ({"hidden_dim": 32, "attn_dim": 16}, {"epochs": 8, "lr": 1e-3}),
-    "srmil": ({"heads": 2, "hidden_per_head": 8}, {"epochs": 8, "lr": 2e-3}),
+    "srmil": ({"heads": 2, "hidden_per_head": 8}, {"epochs": 16, "lr": 2e-3}),
 }
 
 
@@ -142,3 +160,204 @@ def test_evaluate_three_classes(tmp_path):
     probs = table[[f"prob_class{c}" for c in range(3)]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert (tmp_path / "eval" / "roc.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# --- bootstrap intervals ----------------------------------------------------------------------
+
+
+def test_bootstrap_of_a_perfect_classifier_is_a_point():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    ci = bootstrap_intervals(y, probs, 2, n_boot=200, seed=0)
+    assert all(ci[name] == [1.0, 1.0] for name in ("auc", "accuracy", "balanced_accuracy",
+                                                  "macro_f1"))
+
+
+def test_bootstrap_by_hand_two_patients_one_right_one_wrong():
+    # Two patients (two slides each): resampling patients gives accuracy 0, 1/2 or 1 with
+    # probability 1/4, 1/2, 1/4. The 95% interval spans [0, 1]; the central 40% is 1/2.
+    y = np.array([1, 1, 0, 0])
+    probs = np.array([[0.2, 0.8], [0.3, 0.7], [0.1, 0.9], [0.4, 0.6]])  # P1 right, P2 wrong
+    groups = ["P1", "P1", "P2", "P2"]
+    wide = bootstrap_intervals(y, probs, 2, groups, n_boot=2000, level=0.95, seed=1)
+    assert wide["accuracy"] == [0.0, 1.0]
+    narrow = bootstrap_intervals(y, probs, 2, groups, n_boot=2000, level=0.4, seed=1)
+    assert narrow["accuracy"] == [0.5, 0.5]
+    # AUC needs both classes: only the mixed resamples count, and each of them has AUC 0.5.
+    assert narrow["auc"] == [0.5, 0.5]
+
+
+def test_bootstrap_replays_its_documented_draws():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 12)
+    p1 = rng.random(12)
+    probs = np.stack([1 - p1, p1], axis=1)
+    groups = [f"P{i // 2}" for i in range(12)]
+    ci = bootstrap_intervals(y, probs, 2, groups, n_boot=300, level=0.9, seed=7)
+    draws = np.random.default_rng(7)
+    members = [np.array([2 * g, 2 * g + 1]) for g in range(6)]
+    accuracy = []
+    for _ in range(300):
+        idx = np.concatenate([members[g] for g in draws.integers(0, 6, 6)])
+        accuracy.append(classification_metrics(y[idx], probs[idx], 2)["accuracy"])
+    assert ci["accuracy"] == pytest.approx(list(np.percentile(accuracy, [5, 95])))
+    assert ci == bootstrap_intervals(y, probs, 2, groups, n_boot=300, level=0.9, seed=7)
+    assert ci != bootstrap_intervals(y, probs, 2, groups, n_boot=300, level=0.9, seed=8)
+
+
+def test_metrics_equal_scikit_learn_on_random_inputs():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 4):
+        for _ in range(50):
+            n = int(rng.integers(3, 25))
+            y = rng.integers(0, n_classes, n)
+            probs = np.round(rng.dirichlet(np.ones(n_classes), n), 1)  # ties included
+            probs /= probs.sum(axis=1, keepdims=True)
+            m = classification_metrics(y, probs, n_classes)
+            assert m["macro_f1"] == pytest.approx(
+                f1_score(y, probs.argmax(1), average="macro", zero_division=0))
+            if len(np.unique(y)) == n_classes:
+                ref = (roc_auc_score(y, probs[:, 1]) if n_classes == 2
+                       else roc_auc_score(y, probs, multi_class="ovr"))
+                assert m["auc"] == pytest.approx(ref)
+
+
+# --- attention diagnostics --------------------------------------------------------------------
+
+
+HAND_ATTENTION = {
+    # A: one dominant negative patch; top-5 holds 2 positives.
+    "A": (np.array([0.6, 0.2, 0.1, 0.05, 0.03, 0.02]),
+          np.array([False, True, True, False, False, True])),
+    # B: uniform weights; ties go to the lower index, so the top-5 are patches 0-4 (3 positive).
+    "B": (np.full(10, 0.1), np.array([True] * 3 + [False] * 7)),
+    # C: a negative slide (no positive patch) with a dominant patch.
+    "C": (np.array([0.9, 0.1]), None),
+}
+
+
+def test_slide_attention_stats_by_hand():
+    a = slide_attention_stats(*HAND_ATTENTION["A"])
+    assert a == {"max_weight": 0.6, "n_high": 1, "top1_positive": 0, "top1_n": 1,
+                 "top5_positive": 2, "top5_n": 5, "high_positive": 0}
+    b = slide_attention_stats(*HAND_ATTENTION["B"])
+    assert (b["n_high"], b["top1_positive"], b["top5_positive"]) == (0, 1, 3)
+    assert slide_attention_stats(*HAND_ATTENTION["C"]) == {"max_weight": 0.9, "n_high": 1}
+
+
+def test_summary_and_recorder_by_hand():
+    stats = [slide_attention_stats(*HAND_ATTENTION[s]) for s in "ABC"]
+    summary = summarise_stats(stats)
+    assert summary["share_high"] == pytest.approx(2 / 3)  # A and C
+    assert summary["n_positive_slides"] == 2
+    assert summary["top1_positive"] == pytest.approx(1 / 2)  # B's top patch only
+    assert summary["top5_positive"] == pytest.approx(5 / 10)
+    assert summary["high_positive"] == 0.0  # A's one highly attended patch is negative
+    assert summary["max_weight_median"] == pytest.approx(0.6)
+
+    positives = {s: HAND_ATTENTION[s][1] for s in "AB"}
+    recorder = AttentionRecorder(list("ABC"), positives)
+    recorder.add(1, [HAND_ATTENTION[s][0] for s in "ABC"])
+    recorder.add(2, [np.array([0.1, 0.9, 0, 0, 0, 0]), np.full(10, 0.1), np.array([0.5, 0.5])])
+    record = json.loads(json.dumps(recorder.to_json()))
+    assert record["positive_slides"] == ["A", "B"]
+    table = epoch_summaries(record)
+    assert list(table["epoch"]) == [1, 2]
+    first = table.iloc[0]
+    for key in ("share_high", "top1_positive", "top5_positive", "high_positive"):
+        assert first[key] == pytest.approx(summary[key])
+    second = table.iloc[1]
+    assert second["share_high"] == pytest.approx(2 / 3)  # A (0.9) and C (0.5, 0.5); not B
+    assert second["high_positive"] == 1.0  # A's highly attended patch 1 is positive
+    assert second["top1_positive"] == 1.0
+
+
+def test_patch_annotation_fractions_by_hand(tmp_path):
+    coords = np.array([[0, 0], [100, 0], [200, 0]])
+    square = {"type": "Polygon", "coordinates": [[[50, 0], [250, 0], [250, 100], [50, 100],
+                                                  [50, 0]]]}
+    assert patch_annotation_fractions(coords, 100, [square]) == pytest.approx([0.5, 1, 0.5],
+                                                                              abs=0.07)
+    thin = {"type": "Polygon", "coordinates": [[[0, 0], [115, 0], [115, 100], [0, 100],
+                                                [0, 0]]]}
+    path = tmp_path / "tumour.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": thin, "properties": {}}]}))
+    # 100% of the first patch, ~15% of the second (not over 20%), none of the third.
+    assert positive_patches(coords, 100, path).tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="annotation not found"):
+        positive_patches(coords, 100, tmp_path / "missing.geojson")
+
+
+# --- evaluation outputs, comparison, ablation -------------------------------------------------
+
+
+def _image(path):
+    import cv2
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 2000, path
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None and image.std() > 5, f"{path}: a blank image"
+    return image
+
+
+@pytest.mark.parametrize("model_name", ["abmil", "srmil"])
+def test_evaluate_writes_intervals_and_attention_diagnostics(evaluated, model_name):
+    metrics, out_dir = evaluated[model_name]
+    assert metrics["bootstrap"] == {"n": 1000, "level": 0.95, "unit": "patient", "seed": 0}
+    for name, value in metrics["pooled"].items():
+        low, high = metrics["pooled_ci"][name]
+        assert low <= value <= high, (name, low, value, high)
+    for fold in metrics["per_fold"]:
+        assert fold["ci"]["accuracy"][0] <= fold["accuracy"] <= fold["ci"]["accuracy"][1]
+    # The toy cohort has no annotations: max weights and the share >= 0.5, no positives.
+    last = metrics["attention_last_epoch"]["fold_0"]
+    assert last["epoch"] == 8 and last["n_positive_slides"] == 0
+    assert 0 < last["max_weight_median"] <= 1 and last["top1_positive"] is None
+    _image(out_dir / "attention_diagnostics.png")
+    _image(out_dir / "roc.png")
+
+
+def test_compare_models_side_by_side(cohort, evaluated, tmp_path):
+    root = cohort[0]
+    names = ["srmil", "abmil"]
+    table = compare_models([evaluated[m][1] / "metrics.json" for m in names],
+                           tmp_path / "comparison.csv", tmp_path / "comparison.md",
+                           [root / "models" / m for m in names], tmp_path / "attention.png")
+    assert list(dict.fromkeys(table["model"])) == names
+    auc = table[table["metric"] == "auc"].set_index("model")
+    for m in names:
+        assert auc.at[m, "pooled"] == pytest.approx(evaluated[m][0]["pooled"]["auc"])
+        assert auc.at[m, "ci_low"] == pytest.approx(evaluated[m][0]["pooled_ci"]["auc"][0])
+    assert "attention_share_high" in set(table["metric"])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| metric | srmil | abmil |" in md and "| AUC |" in md
+    assert pd.read_csv(tmp_path / "comparison.csv").shape == table.shape
+    _image(tmp_path / "attention.png")
+
+
+def test_ablation_summary_sorted_by_ratio(evaluated, tmp_path):
+    paths = [evaluated["srmil"][1] / "metrics.json", evaluated["abmil"][1] / "metrics.json"]
+    table = summarise_ablation(paths, [0.9, 0.3], tmp_path / "ablation.csv",
+                               tmp_path / "ablation.png")
+    assert list(table["mask_ratio"]) == [0.3, 0.9]
+    assert table.iloc[0]["auc"] == pytest.approx(evaluated["abmil"][0]["pooled"]["auc"])
+    assert {"auc_ci_low", "accuracy_fold_std"} <= set(table.columns)
+    _image(tmp_path / "ablation.png")
+    with pytest.raises(ValueError, match="2 metrics files for 1 ratios"):
+        summarise_ablation(paths, [0.5], tmp_path / "a.csv", tmp_path / "a.png")
+
+
+def test_three_class_roc_has_a_panel_per_class(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c"]
+    rows = []
+    for i in range(30):
+        p = rng.dirichlet([1, 1, 1])
+        rows.append({"fold": i % 2, "label": classes[i % 3],
+                     **{f"prob_{c}": v for c, v in zip(classes, p, strict=True)}})
+    plot_roc(pd.DataFrame(rows), classes, tmp_path / "roc.png")
+    assert _image(tmp_path / "roc.png").shape[1] > 3 * 400  # three panels side by side

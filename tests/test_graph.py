@@ -64,6 +64,34 @@ def test_5x5_window2_degrees():
     assert deg[0, 0] == 8  # a corner sees the 3x3 block of cells towards the centre, less itself
 
 
+@pytest.mark.parametrize(("window", "interior_degree"), [(1, 9), (2, 25), (3, 61)])
+def test_interior_degree_by_window(window, interior_degree):
+    # Counted by hand, self-loop included: window 1 is the 3x3 square; window 2 (radius 2.84) the
+    # whole 5x5 square, corners at 2.83 included; window 3 (radius 4.26) the whole 7x7 square
+    # (corners at 4.24) plus (0, +-4) and (+-1, +-4) on each of the four sides: 49 + 12.
+    n = 11
+    edges = grid_edges(grid_coords(n, n), STRIDE, window=window)
+    deg = degrees(edges, n * n).reshape(n, n)
+    assert deg[n // 2, n // 2] == interior_degree
+    assert deg.max() == interior_degree and deg.min() >= 1
+
+
+def test_hand_made_l_shape():
+    # An L of 5 cells, window 1:   x . .      cells (0,0) (1,0) (2,0) (2,1) (2,2) as (row, col);
+    #                              x . .      (1,0) and (2,1) are diagonal neighbours.
+    #                              x x x
+    cells = np.array([[0, 0], [1, 0], [2, 0], [2, 1], [2, 2]])
+    edges = grid_edges(cells * STRIDE, STRIDE, window=1, self_loops=False)
+    pairs = {(int(s), int(t)) for s, t in edges.T}
+    undirected = {tuple(sorted(p)) for p in pairs}
+    assert undirected == {(0, 1), (1, 2), (1, 3), (2, 3), (3, 4)}
+    assert len(pairs) == 2 * len(undirected)
+    # Window 2 (radius 2.84) joins all 5 cells: the farthest pair, (0, 0)-(2, 2), is
+    # sqrt(8) = 2.83 apart.
+    full = grid_edges(cells * STRIDE, STRIDE, window=2, self_loops=False)
+    assert full.shape[1] == 5 * 4
+
+
 def test_format_symmetry_no_duplicates_sorted():
     rng = np.random.default_rng(0)
     cells = np.argwhere(rng.random((20, 30)) < 0.6)

@@ -1,4 +1,5 @@
-"""SRMIL and ABMIL on tiny random bags: shapes, attention, masking, learning, saving, seeds."""
+"""SRMIL and ABMIL on tiny random bags: the sparse GAT layer against torch-geometric's, shapes,
+attention, masking, reconstruction, learning, saving, seeds, the reference architecture."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch_geometric
 
 from srmil.graph import grid_edges
-from srmil.models import MODEL_NAMES, MILOutput, build_model, default_hparams
+from srmil.models import MODEL_NAMES, MILOutput, build_model, default_hparams, gat
+from srmil.models.gat import SparseGATConv, SparseGraph, _AttentionAggregate
 
 # Every variant the trainer can build: (model name, hparams overrides).
-VARIANTS = [("srmil", {}), ("srmil", {"pooling": "attention"}), ("abmil", {})]
-VARIANT_IDS = ["srmil-supernode", "srmil-attention", "abmil"]
+VARIANTS = [("srmil", {}), ("srmil", {"pooling": "gat"}), ("srmil", {"pooling": "gated"}),
+            ("srmil", {"identity_residual": True}), ("abmil", {})]
+VARIANT_IDS = ["srmil-supernode", "srmil-gat", "srmil-gated", "srmil-identity-residual",
+               "abmil"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,11 +39,85 @@ def grid_bag(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return x, edges, cells
 
 
-def inputs_to_projection(model) -> list[torch.Tensor]:
-    """Record what SRMIL's input projection sees on each call (masked bags, super-node row)."""
+def inputs_to(module) -> list[torch.Tensor]:
+    """Record the first input of every call of `module`."""
     seen: list[torch.Tensor] = []
-    model.input_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     return seen
+
+
+# --- the sparse graph attention layer ---------------------------------------------------------
+
+
+def random_grid_edges(seed: int = 0) -> tuple[torch.Tensor, int]:
+    """A window-2 grid graph with holes, its edges shuffled."""
+    cells = np.argwhere(np.random.default_rng(seed).random((9, 11)) < 0.7)
+    edges = torch.from_numpy(grid_edges(cells * 224, 224, window=2))
+    shuffle = torch.randperm(edges.shape[1], generator=torch.Generator().manual_seed(seed))
+    return edges[:, shuffle], len(cells)
+
+
+@pytest.mark.parametrize(("heads", "channels", "concat"), [(4, 8, True), (1, 13, False),
+                                                           (3, 5, False)])
+def test_sparse_gat_equals_torch_geometric_gatconv(heads, channels, concat):
+    torch.manual_seed(0)
+    edges, n = random_grid_edges()
+    layer = SparseGATConv(16, channels, heads=heads, concat=concat).double()
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(n, 16, dtype=torch.double, requires_grad=True)
+    out, alpha = layer(x, SparseGraph.from_edge_index(edges, n), return_attention_weights=True)
+    # The same module through torch-geometric's own forward (self-loops already in the edges).
+    ref, (ref_edges, ref_alpha) = torch_geometric.nn.GATConv.forward(
+        layer, x, edges, return_attention_weights=True)
+    assert torch.allclose(out, ref, atol=1e-12)
+    order = torch.argsort(ref_edges[1] * n + ref_edges[0])  # our edge order: (target, source)
+    assert torch.allclose(alpha, ref_alpha[order], atol=1e-12)
+    weights = torch.randn_like(out)
+    ours = torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()])
+    theirs = torch.autograd.grad((ref * weights).sum(), [x, *layer.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_sparse_aggregate_gradcheck():
+    edges, n = random_grid_edges(1)
+    graph = SparseGraph.from_edge_index(edges, n)
+    alpha = torch.rand(len(graph.src), 2, dtype=torch.double, requires_grad=True)
+    x = torch.randn(n, 2, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, h: _AttentionAggregate.apply(a, h, graph),
+                                    (alpha, x))
+
+
+def test_index_aggregation_equals_sparse_products(monkeypatch):
+    # The path taken on CUDA in deterministic mode (cuSPARSE is not bit-wise reproducible there),
+    # forced here on the CPU, in small edge chunks.
+    edges, n = random_grid_edges(2)
+    graph = SparseGraph.from_edge_index(edges, n)
+    alpha = torch.rand(len(graph.src), 3, dtype=torch.double, requires_grad=True)
+    x = torch.randn(n, 3, 4, dtype=torch.double, requires_grad=True)
+    weights = torch.randn(n, 3, 4, dtype=torch.double)
+    sparse = _AttentionAggregate.apply(alpha, x, graph)
+    sparse_grads = torch.autograd.grad((sparse * weights).sum(), [alpha, x])
+    monkeypatch.setattr(gat, "_by_index", lambda _x: True)
+    monkeypatch.setattr(gat, "CHUNK_ELEMENTS", 50)  # several chunks of 4 edges
+    indexed = _AttentionAggregate.apply(alpha, x, graph)
+    indexed_grads = torch.autograd.grad((indexed * weights).sum(), [alpha, x])
+    assert torch.allclose(indexed, sparse, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12)
+               for a, b in zip(indexed_grads, sparse_grads, strict=True))
+    assert torch.autograd.gradcheck(lambda a, h: _AttentionAggregate.apply(a, h, graph),
+                                    (alpha, x))
+
+
+def test_sparse_graph_layouts():
+    edges = torch.tensor([[2, 0, 1, 2, 0], [0, 1, 2, 2, 2]])
+    graph = SparseGraph.from_edge_index(edges, 3)
+    assert graph.edge_index.tolist() == [[2, 0, 0, 1, 2], [0, 1, 2, 2, 2]]  # by (target, source)
+    assert graph.crow.tolist() == [0, 1, 2, 5]
+    assert graph.t_crow.tolist() == [0, 2, 3, 5]  # source 0 has 2 edges, 1 has 1, 2 has 2
+    assert graph.src[graph.t_perm].tolist() == [0, 0, 1, 2, 2]
+    assert graph.t_col.tolist() == [1, 2, 2, 0, 2]
+    with pytest.raises(ValueError, match="outside"):
+        SparseGraph.from_edge_index(edges, 2)
 
 
 @pytest.mark.parametrize(("name", "hparams"), VARIANTS, ids=VARIANT_IDS)
@@ -73,33 +152,67 @@ def test_srmil_loss_parts_combine():
     assert 0.0 <= p["rec"] <= 2.0  # 1 - cos lies in [0, 2]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("ratio", [0.0, 0.29, 0.3, 0.5, 0.7, 1.0])
 def test_mask_nodes_count(ratio):
     model = build_model("srmil", 8, 2, {"mask_ratio": ratio})
     gen = torch.Generator().manual_seed(0)
-    for n in (1, 2, 3, 10, 101):
+    for n in (1, 2, 3, 10, 100, 101):
         ids = model.mask_nodes(n, gen)
-        assert ids.dtype == torch.long and len(ids) == round(ratio * n)
+        # floor(ratio * n), as the reference; exact where ratio * n is whole (0.29 * 100 = 29).
+        expected = int(np.floor(round(ratio * n, 9)))
+        assert ids.dtype == torch.long and len(ids) == expected
         assert len(torch.unique(ids)) == len(ids)
         assert torch.all((ids >= 0) & (ids < n))  # the super-node is node n: never masked
 
 
-def test_training_masks_patches_not_super_node():
+@pytest.mark.parametrize(("ratio", "n"), [(0.7, 23), (0.5, 40), (0.3, 10)])
+def test_training_masks_exactly_the_ratio_of_patches(ratio, n):
     torch.manual_seed(0)
-    model = build_model("srmil", 8, 2, {"mask_ratio": 0.7})
-    n = 23
+    model = build_model("srmil", 8, 2, {"mask_ratio": ratio})
     x, edges, _ = grid_bag(n, 8)
-    seen = inputs_to_projection(model)
+    projected = inputs_to(model.input_proj)
+    encoded = inputs_to(model.encoder[0])
+    decoded = inputs_to(model.decoder[0])
     model.training_loss(x, edges, 0)
-    # Calls: masked patch graph, masked graph + super-node, full graph + super-node.
-    assert [len(s) for s in seen] == [n, n + 1, n + 1]
+
+    # The projection sees the masked bag, the super-node token, the full bag, the token again.
+    assert [len(s) for s in projected] == [n, 1, n, 1]
     token = model.enc_mask_token.detach()
-    masked = torch.all(seen[0] == token, dim=1)
-    assert masked.sum().item() == round(0.7 * n)
-    assert torch.equal(seen[0][~masked], x[~masked])
-    assert torch.equal(seen[1][:n], seen[0])  # the same nodes masked for classification
-    assert torch.equal(seen[1][n], model.super_token.detach()[0])
-    assert torch.equal(seen[2][:n], x)  # the full pass is unmasked
+    masked = torch.all(projected[0] == token, dim=1)
+    assert masked.sum().item() == int(ratio * n + 1e-9)
+    assert torch.equal(projected[0][~masked], x[~masked])  # the others are untouched
+    assert torch.equal(projected[1], model.super_token.detach())  # the super-node: never masked
+    assert torch.equal(projected[2], x)  # the full pass is unmasked
+
+    # Encoder passes: masked patch graph, the same masked bag + super-node, the full bag.
+    assert [len(s) for s in encoded] == [n, n + 1, n + 1]
+    assert torch.equal(encoded[1][:n], encoded[0])
+    # The decoder re-masks exactly the same patches with its own token.
+    remasked = torch.all(decoded[0] == model.dec_mask_token.detach(), dim=1)
+    assert torch.equal(remasked, masked)
+
+
+def test_reconstruction_loss_counts_only_masked_patches():
+    torch.manual_seed(0)
+    n = 30
+    model = build_model("srmil", 12, 2)
+    x, edges, _ = grid_bag(n, 12)
+    drawn: list[torch.Tensor] = []
+    draw = model.mask_nodes
+
+    def recording_draw(count: int) -> torch.Tensor:  # the real draw, remembered
+        drawn.append(draw(count))
+        return drawn[-1]
+
+    model.mask_nodes = recording_draw
+    outputs: list[torch.Tensor] = []
+    model.decoder[-1].register_forward_hook(lambda _m, _a, out: outputs.append(out[0].detach()))
+    _, parts = model.training_loss(x, edges, 1)
+    (ids,) = drawn
+    x_hat = outputs[0]
+    assert x_hat.shape == (n, 12)
+    expected = (1 - torch.cosine_similarity(x_hat[ids], x[ids], dim=-1)).mean()
+    assert parts["rec"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(("name", "hparams"), VARIANTS, ids=VARIANT_IDS)
@@ -108,10 +221,15 @@ def test_forward_unmasked_and_deterministic_in_eval(name, hparams):
     model = build_model(name, 16, 3, hparams)
     x, edges, _ = grid_bag(30, 16)
     if name == "srmil":
-        seen = inputs_to_projection(model)
+        seen = inputs_to(model.input_proj)
         model.train()
         model(x, edges)  # forward never masks, even in train mode
-        assert torch.equal(seen[-1][:30], x)
+        assert torch.equal(seen[0], x)
+        seen.clear()
+        model.eval()
+        with torch.no_grad():
+            model(x, edges)
+        assert torch.equal(seen[0], x)  # nor at evaluation
     model.eval()
     with torch.no_grad():
         a, b = model(x, edges), model(x, edges)
@@ -232,3 +350,81 @@ def test_hparams_interface():
         build_model("abmil", 8, 1)
     with pytest.raises(ValueError):
         build_model("abmil", 8, 2).training_loss(torch.randn(3, 8), None, 2)
+
+
+def test_reference_defaults_and_architecture():
+    hp = default_hparams("srmil")
+    assert {k: hp[k] for k in ("heads", "hidden_per_head", "encoder_layers", "decoder_layers",
+                               "decoder_out_heads", "feat_dropout", "attn_dropout",
+                               "negative_slope", "mask_ratio", "token_init_std", "rec_alpha",
+                               "pooling", "cls_hidden", "cls_dropout", "w_ce", "w_rec",
+                               "init_gain", "residual", "identity_residual")} == {
+        "heads": 4, "hidden_per_head": 64, "encoder_layers": 2, "decoder_layers": 2,
+        "decoder_out_heads": 1, "feat_dropout": 0.11, "attn_dropout": 0.15,
+        "negative_slope": 0.2, "mask_ratio": 0.7, "token_init_std": 0.01, "rec_alpha": 1.0,
+        "pooling": "supernode", "cls_hidden": 128, "cls_dropout": 0.059, "w_ce": 1.0,
+        "w_rec": 1.8, "init_gain": 1.414, "residual": True, "identity_residual": False}
+    model = build_model("srmil", 1024, 3)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["input_proj.weight"] == (1024, 1024) and "input_proj.bias" in shapes
+    assert shapes["enc_mask_token"] == (1, 1024) and shapes["super_token"] == (1, 1024)
+    assert shapes["encoder.0.conv.lin.weight"] == (256, 1024)  # 4 heads x 64, concatenated
+    assert shapes["encoder.0.conv.att_src"] == (1, 4, 64)
+    assert shapes["encoder.0.residual.weight"] == (256, 1024)  # the width changes: projected
+    assert shapes["encoder.1.conv.lin.weight"] == (256, 256)
+    assert not any(k.startswith("encoder.1.residual") for k in shapes)  # unchanged: none
+    assert shapes["encoder_to_decoder.weight"] == (256, 256)
+    assert "encoder_to_decoder.bias" not in shapes
+    assert shapes["dec_mask_token"] == (1, 256)
+    assert shapes["decoder.0.conv.lin.weight"] == (256, 256)
+    assert shapes["decoder.1.conv.lin.weight"] == (1024, 256)  # 1 head back to D
+    assert shapes["classifier.0.weight"] == (128, 64)  # on the head-averaged 64-d embedding
+    assert shapes["classifier.3.weight"] == (3, 128)
+    assert isinstance(model.encoder[0].norm, torch.nn.LayerNorm)
+    assert isinstance(model.encoder[0].act, torch.nn.PReLU)
+    assert model.encoder[0].conv.dropout == 0.15 and model.encoder[0].dropout.p == 0.11
+    assert isinstance(model.decoder[1].norm, torch.nn.Identity)
+    assert isinstance(build_model("srmil", 8, 2, {"identity_residual": True}).encoder[1].residual,
+                      torch.nn.Identity)
+    assert abs(model.enc_mask_token.std().item() - 0.01) < 0.002  # tokens start near zero
+
+
+@pytest.mark.parametrize("pooling", ["supernode", "gat"])
+def test_checkpointed_layers_give_the_same_loss_and_gradients(pooling):
+    x, edges, _ = grid_bag(25, 8)
+
+    def step(checkpoint_layers: bool) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(5)
+        model = build_model("srmil", 8, 2, {"pooling": pooling,
+                                            "checkpoint_layers": checkpoint_layers})
+        loss, _ = model.training_loss(x, edges, 1)
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()]
+
+    (loss_a, grads_a), (loss_b, grads_b) = step(False), step(True)
+    assert loss_a == loss_b  # dropout masks replayed: the very same computation
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_multiclass_and_feature_sizes_learn():
+    # Five classes told apart by which feature block is shifted, at an odd feature size.
+    torch.manual_seed(0)
+    dim, n = 21, 12
+    _, edges, _ = grid_bag(n, dim)
+    bags = []
+    for label in range(5):
+        x = torch.randn(n, dim, generator=torch.Generator().manual_seed(label))
+        x[:, 4 * label: 4 * label + 4] += 2.0
+        bags.append((x, label))
+    model = build_model("srmil", dim, 5, {"heads": 2, "hidden_per_head": 8})
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(30):
+        for x, label in bags:
+            loss, _ = model.training_loss(x, edges, label)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = [int(model(x, edges).logits.argmax()) for x, _ in bags]
+    assert predicted == [0, 1, 2, 3, 4]

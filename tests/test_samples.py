@@ -50,3 +50,69 @@ def test_duplicate_ids_and_mixed_patient_labels(tmp_path: Path, cohort: pd.DataF
 def test_missing_sheet(tmp_path: Path) -> None:
     with pytest.raises(SampleSheetError, match="sample sheet not found"):
         read_sample_sheet(tmp_path / "absent.csv")
+
+
+def test_empty_and_truncated_files_are_refused_at_parse_time(
+    tmp_path: Path, cohort: pd.DataFrame
+) -> None:
+    (tmp_path / "empty.svs").write_bytes(b"")
+    data = Path(cohort["path"].iloc[0]).read_bytes()
+    # Cut where the TIFF directory chain ends early: OpenSlide no longer recognises the file.
+    (tmp_path / "cut.svs").write_bytes(data[: len(data) // 2])
+    for name, message in (
+        ("empty.svs", r"empty\.svs: empty file \(0 bytes\); copy the slide again"),
+        ("cut.svs", r"cut\.svs: not a slide OpenSlide can read \(another format, or a truncated"),
+    ):
+        sheet = write_sheet(tmp_path / "s.csv", [{"slide_id": "a", "path": name, "label": "x"}])
+        with pytest.raises(SampleSheetError, match=message) as err:
+            read_sample_sheet(sheet)
+        assert "\n" not in str(err.value) and "s.csv" in str(err.value)
+
+
+def test_missing_and_placeholder_labels(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    path = cohort["path"].iloc[0]
+    for label, message in (
+        ("", r"slide 'b' has no label; fill the label column"),
+        ("NA", r"slide 'b' has label 'NA', which reads as a missing value"),
+        ("n/a", r"slide 'b' has label 'n/a', which reads as a missing value"),
+    ):
+        rows = [
+            {"slide_id": "a", "path": path, "label": "tumour"},
+            {"slide_id": "b", "path": path, "label": label},
+        ]
+        with pytest.raises(SampleSheetError, match=message):
+            read_sample_sheet(write_sheet(tmp_path / "s.csv", rows))
+    # Sheets of new slides need no label, but a placeholder is still not a label.
+    rows = [{"slide_id": "a", "path": path, "label": ""}]
+    assert read_sample_sheet(write_sheet(tmp_path / "p.csv", rows), require_labels=False).shape[0]
+
+
+def test_unknown_label_when_classes_are_given(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    path = cohort["path"].iloc[0]
+    rows = [
+        {"slide_id": "a", "path": path, "label": "tumour"},
+        {"slide_id": "b", "path": path, "label": "tumor"},
+    ]
+    sheet = write_sheet(tmp_path / "s.csv", rows)
+    with pytest.raises(SampleSheetError, match=r"slide 'b' has label 'tumor', not one of classes"):
+        read_sample_sheet(sheet, classes=["normal", "tumour"])
+    assert len(read_sample_sheet(sheet)) == 2  # without a class list, any label is a class
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    folder = tmp_path / "my slides é"
+    folder.mkdir()
+    target = folder / "slide ü 1.svs"
+    target.write_bytes(Path(cohort["path"].iloc[0]).read_bytes())
+    sheet = write_sheet(
+        folder / "sheet ö.csv",
+        [{"slide_id": "s1", "path": "slide ü 1.svs", "patient_id": "Jürgen O'Neil", "label": "x"}],
+    )
+    df = read_sample_sheet(sheet)
+    assert df.loc[0, "path"] == str(target) and df.loc[0, "patient_id"] == "Jürgen O'Neil"
+
+
+def test_slide_ids_keep_a_portable_alphabet(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    rows = [{"slide_id": "slide ü", "path": cohort["path"].iloc[0], "label": "x"}]
+    with pytest.raises(SampleSheetError, match=r"slide_id 'slide ü' must use only letters"):
+        read_sample_sheet(write_sheet(tmp_path / "s.csv", rows))

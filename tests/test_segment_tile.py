@@ -1,43 +1,98 @@
 """Segmentation and tiling on real generated slides read through OpenSlide."""
 
+from __future__ import annotations
+
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 
-from srmil import store
-from srmil.segment import polygons_mask, read_geojson_polygons, segment_slide
+from srmil import demo, store
+from srmil.cli import main as cli_main
+from srmil.graph import build_graph
+from srmil.samples import SampleSheetError, read_sample_sheet, segment_overrides
+from srmil.segment import (
+    SegmentParams,
+    SegmentParamsError,
+    params_from_dict,
+    polygons_mask,
+    read_geojson_polygons,
+    segment_slide,
+    view_downsample,
+)
 from srmil.slide import SlideError
-from srmil.tiling import TileParams, tile_slide
+from srmil.tiling import TileParams, TileParamsError, tile_slide
+
+
+def run_slide(slide: str | Path, out: Path, name: str, **kwargs) -> dict:
+    geojson, qc = out / f"{name}.geojson", out / f"{name}.png"
+    tiles, tiles_qc = out / f"{name}.tiles.json", out / f"{name}.tiles.png"
+    summary = segment_slide(slide, geojson, qc, annotation=kwargs.pop("annotation", None))
+    plan = tile_slide(
+        slide, geojson, tiles, kwargs.pop("tile_params", None), out_qc_png=tiles_qc, seg_qc_png=qc
+    )
+    return {
+        "geojson": geojson,
+        "qc": qc,
+        "tiles": tiles,
+        "tiles_qc": tiles_qc,
+        "plan": plan,
+        "summary": summary,
+    }
 
 
 @pytest.fixture(scope="module")
 def segmented(cohort: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("seg")
-    results = {}
-    for row in cohort.itertuples():
-        geojson, qc, tiles = (
-            out / f"{row.slide_id}.geojson",
-            out / f"{row.slide_id}.png",
-            (out / f"{row.slide_id}.tiles.json"),
-        )
-        summary = segment_slide(row.path, geojson, qc, annotation=row.annotation or None)
-        plan = tile_slide(row.path, geojson, tiles)
-        results[row.slide_id] = {
-            "geojson": geojson,
-            "qc": qc,
-            "tiles": tiles,
-            "plan": plan,
-            "summary": summary,
+    return {
+        row.slide_id: run_slide(row.path, out, row.slide_id, annotation=row.annotation or None)
+        for row in cohort.itertuples()
+    }
+
+
+@pytest.fixture(scope="module")
+def special_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Slides CLAM-style tools get wrong: pen ink and a black border, a small biopsy on a larger
+    slide, a slide without µm/px in the file, and an empty slide."""
+    out = tmp_path_factory.mktemp("special")
+    specs = {
+        "pen": dict(
+            width_px=2048,
+            height_px=1536,
+            mpp=0.5,
+            artifacts=demo.Artifacts(pen_strokes=3, black_border=True),
+            tissue_shape=demo.TissueShape(n_pieces=(1, 1), holes_per_piece=(4, 5)),
+        ),
+        "biopsy": dict(width_px=3072, height_px=2304, mpp=1.0, tissue_shape=demo.BIOPSY),
+        "nompp": dict(width_px=1024, height_px=768, mpp=0.5, file_mpp=False),
+        "empty": dict(
+            width_px=1024, height_px=768, mpp=0.5, tissue_shape=demo.TissueShape(n_pieces=(0, 0))
+        ),
+    }
+    for index, (name, spec) in enumerate(specs.items()):
+        row = {
+            "slide_id": name,
+            "path": f"slides/{name}.tif",
+            "patient_id": name,
+            "label": demo.NEGATIVE,
+            "annotation": "",
         }
-    return results
+        demo.write_slide(out, row, index, 7, **spec)
+    return out
 
 
 def truth_mask(cohort_dir: Path, slide_id: str, kind: str = "tissue") -> np.ndarray:
     mask = cv2.imread(str(cohort_dir / "masks" / f"{slide_id}.{kind}.png"), cv2.IMREAD_GRAYSCALE)
     return mask > 127
+
+
+def iou(geojson: Path, truth: np.ndarray) -> float:
+    found = polygons_mask(read_geojson_polygons(geojson), truth.shape, 16.0) > 0
+    return float((truth & found).sum() / (truth | found).sum())
 
 
 def box_means(mask: np.ndarray, coords: np.ndarray, size_level0: float) -> np.ndarray:
@@ -50,17 +105,81 @@ def test_tissue_iou_against_ground_truth(
     cohort_dir: Path, cohort: pd.DataFrame, segmented: dict
 ) -> None:
     for slide_id, result in segmented.items():
-        truth = truth_mask(cohort_dir, slide_id)
-        found = polygons_mask(read_geojson_polygons(result["geojson"]), truth.shape, 16.0) > 0
-        iou = (truth & found).sum() / (truth | found).sum()
-        assert iou >= 0.9, (slide_id, iou)
+        assert iou(result["geojson"], truth_mask(cohort_dir, slide_id)) >= 0.9, slide_id
         assert result["summary"]["mpp"] == pytest.approx(0.5)
 
 
-def test_qc_image_written(segmented: dict) -> None:
+def test_pen_ink_and_black_border_are_not_tissue(special_dir: Path, tmp_path: Path) -> None:
+    result = run_slide(special_dir / "slides/pen.tif", tmp_path, "pen")
+    truth = truth_mask(special_dir, "pen")
+    assert iou(result["geojson"], truth) >= 0.9
+    assert result["summary"]["excluded_ink_fraction"] > 0.01
+    # Without the exclusion, ink becomes "tissue" and the IoU drops.
+    plain = params_from_dict({"exclude_pen": False, "exclude_dark": False})
+    segment_slide(special_dir / "slides/pen.tif", tmp_path / "p.geojson", tmp_path / "p.png", plain)
+    assert iou(tmp_path / "p.geojson", truth) < iou(result["geojson"], truth) - 0.02
+    coords, _, plan = store.read_tiles(result["tiles"])
+    assert box_means(truth, coords, plan["patch_level0"]).min() >= 0.35
+
+
+def test_small_biopsy_on_a_larger_slide_keeps_its_tissue(special_dir: Path, tmp_path: Path) -> None:
+    result = run_slide(
+        special_dir / "slides/biopsy.tif",
+        tmp_path,
+        "biopsy",
+        tile_params=TileParams(target_mpp=1.0, patch_px=112),
+    )
+    truth = truth_mask(special_dir, "biopsy")
+    assert truth.mean() < 0.3  # the tissue covers a small part of the slide
+    assert iou(result["geojson"], truth) >= 0.9
+    assert result["summary"]["n_pieces"] >= 2 and result["plan"]["n_tiles"] > 0
+
+
+def truth_holes(truth: np.ndarray, min_cells: int) -> list[tuple[int, int]]:
+    """(x, y) of a pixel inside each hole of the ground truth (at downsample 16)."""
+    contours, hierarchy = cv2.findContours(
+        truth.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE
+    )
+    points = []
+    for i in range(len(contours)):
+        if hierarchy is None or hierarchy[0][i][3] == -1:
+            continue
+        hole = np.zeros_like(truth, np.uint8)
+        cv2.drawContours(hole, contours, i, 1, -1)
+        hole &= ~truth
+        if hole.sum() >= min_cells:
+            inner = cv2.distanceTransform(hole, cv2.DIST_L2, 3)
+            y, x = np.unravel_index(int(np.argmax(inner)), hole.shape)
+            points.append((int(x), int(y)))
+    return points
+
+
+def test_real_holes_are_kept(
+    cohort_dir: Path, segmented: dict, special_dir: Path, tmp_path: Path
+) -> None:
+    results = {(cohort_dir, k): v["geojson"] for k, v in segmented.items()}
+    pen = run_slide(special_dir / "slides/pen.tif", tmp_path, "pen")
+    results[(special_dir, "pen")] = pen["geojson"]
+    n_holes = 0
+    for (folder, slide_id), geojson in results.items():
+        truth = truth_mask(folder, slide_id)
+        found = polygons_mask(read_geojson_polygons(geojson), truth.shape, 16.0) > 0
+        # Holes of at least twice min_hole_area_um2 (cells of (16 x 0.5 µm)²).
+        min_cells = round(2 * SegmentParams().min_hole_area_um2 / 8.0**2)
+        for x, y in truth_holes(truth, min_cells):
+            assert not found[y, x], (slide_id, x, y)
+            n_holes += 1
+    assert n_holes >= 2
+
+
+def test_qc_images_written(segmented: dict) -> None:
     for result in segmented.values():
-        image = cv2.imread(str(result["qc"]))
-        assert image is not None and image.shape[0] > 10 and image.std() > 1
+        seg = cv2.imread(str(result["qc"]))
+        tiles = cv2.imread(str(result["tiles_qc"]))
+        assert seg is not None and seg.shape[0] > 10 and seg.std() > 1
+        assert tiles is not None and tiles.shape == seg.shape
+        yellow = (tiles[..., 0] < 120) & (tiles[..., 1] > 150) & (tiles[..., 2] > 200)
+        assert yellow.sum() > 10  # the grid is drawn
 
 
 def test_tiles_aligned_inside_tissue_and_slide(cohort_dir: Path, segmented: dict) -> None:
@@ -75,6 +194,50 @@ def test_tiles_aligned_inside_tissue_and_slide(cohort_dir: Path, segmented: dict
         # no patch lies in background: true tissue (ground truth at downsample 16) under each
         truth_fraction = box_means(truth_mask(cohort_dir, slide_id), coords, plan["patch_level0"])
         assert truth_fraction.min() >= 0.35, (slide_id, truth_fraction.min())  # threshold 0.5
+
+
+def test_overlap_gives_a_finer_aligned_grid(
+    cohort: pd.DataFrame, segmented: dict, tmp_path: Path
+) -> None:
+    row = cohort.iloc[0]
+    plan = tile_slide(
+        row.path,
+        segmented[row.slide_id]["geojson"],
+        tmp_path / "t.json",
+        TileParams(overlap_px=112),
+    )
+    coords, _, _ = store.read_tiles(tmp_path / "t.json")
+    assert plan["stride_level0"] == pytest.approx(112) and plan["patch_level0"] == 224
+    assert np.array_equal(coords % 112, np.zeros_like(coords))
+    assert plan["n_tiles"] > segmented[row.slide_id]["plan"]["n_tiles"]
+    with pytest.raises(TileParamsError, match="overlap_px"):
+        tile_slide(
+            row.path,
+            segmented[row.slide_id]["geojson"],
+            tmp_path / "u.json",
+            TileParams(overlap_px=224),
+        )
+
+
+def test_read_plan_never_upsamples(special_dir: Path, segmented: dict, tmp_path: Path) -> None:
+    plans = [r["plan"] for r in segmented.values()]
+    empty = tmp_path / "empty.geojson"
+    store.write_json(empty, {"type": "FeatureCollection", "features": []})
+    for target in (1.0, 2.0, 3.0, 4.0, 8.0):  # the biopsy slide is at 1 µm/px, levels 1, 4, 16
+        plans.append(
+            tile_slide(
+                special_dir / "slides/biopsy.tif",
+                empty,
+                tmp_path / "t.json",
+                TileParams(target_mpp=target),
+            )
+        )
+    for plan in plans:
+        level0_per_target_px = plan["patch_level0"] / plan["patch_px"]
+        assert plan["level_downsample"] <= level0_per_target_px * (1 + 1e-3)
+        assert plan["read_px"] >= plan["patch_px"]
+    coarse = [p for p in plans if p["target_mpp"] >= 4 * p["slide_mpp"]]
+    assert all(p["level"] >= 1 for p in coarse)
 
 
 def test_tumour_tiles_are_kept(cohort_dir: Path, cohort: pd.DataFrame, segmented: dict) -> None:
@@ -94,10 +257,51 @@ def test_tumour_tiles_are_kept(cohort_dir: Path, cohort: pd.DataFrame, segmented
 def test_rerun_is_identical(cohort: pd.DataFrame, segmented: dict, tmp_path: Path) -> None:
     row = cohort.iloc[0]
     first = segmented[row.slide_id]
-    segment_slide(row.path, tmp_path / "a.geojson", tmp_path / "a.png")
-    tile_slide(row.path, tmp_path / "a.geojson", tmp_path / "a.json")
-    assert (tmp_path / "a.geojson").read_bytes() == first["geojson"].read_bytes()
-    assert (tmp_path / "a.json").read_bytes() == first["tiles"].read_bytes()
+    again = run_slide(row.path, tmp_path, "a", annotation=row.annotation or None)
+    for key in ("geojson", "qc", "tiles", "tiles_qc"):
+        assert again[key].read_bytes() == first[key].read_bytes(), key
+
+
+def test_empty_slide_gives_an_empty_tile_set(
+    special_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        result = run_slide(special_dir / "slides/empty.tif", tmp_path, "empty")
+    assert result["summary"]["n_pieces"] == 0 and result["plan"]["n_tiles"] == 0
+    assert "no tissue found" in caplog.text
+    coords, fraction, _ = store.read_tiles(result["tiles"])
+    assert coords.shape == (0, 2) and fraction.shape == (0,)
+    attrs = build_graph(result["tiles"], tmp_path / "empty.zarr")  # downstream copes
+    assert attrs["n_nodes"] == 0 and attrs["n_edges"] == 0
+
+
+def test_mpp_fallback_chain(special_dir: Path, tmp_path: Path, capsys) -> None:
+    slide = special_dir / "slides/nompp.tif"
+    with pytest.raises(SlideError, match="nompp.tif: no µm/px") as err:
+        segment_slide(slide, tmp_path / "a.geojson", tmp_path / "a.png")
+    assert "'mpp' column" in str(err.value) and "mpp_fallback" in str(err.value)
+    summary = segment_slide(slide, tmp_path / "a.geojson", tmp_path / "a.png", mpp_fallback=0.5)
+    assert summary["mpp"] == 0.5 and summary["mpp_source"] == "config fallback"
+    summary = segment_slide(
+        slide, tmp_path / "a.geojson", tmp_path / "a.png", mpp_override=0.5, mpp_fallback=0.25
+    )
+    assert summary["mpp"] == 0.5 and summary["mpp_source"] == "sample sheet"
+    plan = tile_slide(slide, tmp_path / "a.geojson", tmp_path / "a.json", mpp_fallback=0.5)
+    assert plan["mpp_source"] == "config fallback" and plan["n_tiles"] > 0
+    # The command line prints the same error as one line and exits 1.
+    code = cli_main(
+        [
+            "segment",
+            "--slide",
+            str(slide),
+            "--out",
+            str(tmp_path / "b.geojson"),
+            "--qc",
+            str(tmp_path / "b.png"),
+        ]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "mpp_fallback" in lines[0]
 
 
 def test_coarser_slide_than_target_is_refused(
@@ -120,3 +324,77 @@ def test_sheet_mpp_overrides_file(cohort: pd.DataFrame, segmented: dict, tmp_pat
     )
     assert plan["slide_mpp"] == 0.25 and plan["mpp_source"] == "sample sheet"
     assert plan["patch_level0"] == pytest.approx(448)
+
+
+def test_single_level_slide_is_read_in_bounded_chunks(
+    cohort_dir: Path, cohort: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A slide without a pyramid: the view is built from level-0 chunks, with the same result."""
+    import openslide
+
+    row = cohort.iloc[1]
+    with openslide.OpenSlide(row.path) as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    flat = tmp_path / "flat.tif"
+    tifffile.imwrite(
+        flat,
+        rgb,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
+    with openslide.OpenSlide(flat) as slide:
+        assert slide.level_count == 1
+    segment_slide(flat, tmp_path / "f.geojson", tmp_path / "f.png")
+    assert iou(tmp_path / "f.geojson", truth_mask(cohort_dir, row.slide_id)) >= 0.9
+
+
+def test_view_is_bounded_for_any_slide_size() -> None:
+    params = SegmentParams()
+    for width, height, mpp in (
+        (200_000, 100_000, 0.25),
+        (1_000_000, 10_000, 0.1),
+        (4096, 3072, 0.5),
+        (500, 400, 0.25),
+    ):
+        ds = view_downsample(width, height, mpp, params)
+        assert ds >= 1.0 and max(width, height) / ds <= params.max_view_px + 1
+        assert ds * mpp <= params.seg_mpp + 1e-9 or max(width, height) / ds >= 8000
+    # A normal slide is viewed at seg_mpp; a small one more finely, but not below min_seg_mpp.
+    assert view_downsample(40_000, 30_000, 0.25, params) == pytest.approx(32)
+    assert view_downsample(4096, 3072, 0.5, params) * 0.5 == pytest.approx(2.0)
+
+
+def test_unknown_settings_are_refused() -> None:
+    with pytest.raises(SegmentParamsError, match="median_blur"):
+        params_from_dict({"median_blur": 7})
+
+
+def test_per_slide_overrides_from_the_sheet(cohort_dir: Path, tmp_path: Path) -> None:
+    sheet = pd.read_csv(cohort_dir / "samples.csv", dtype=str, keep_default_na=False)
+    sheet["path"] = [str(cohort_dir / p) for p in sheet["path"]]
+    sheet["annotation"] = [str(cohort_dir / a) if a else "" for a in sheet["annotation"]]
+    sheet["segment_threshold"] = ["30", "", "otsu", ""]
+    sheet["segment_exclude_pen"] = ["false", "", "", "1"]
+    sheet.to_csv(tmp_path / "s.csv", index=False)
+    df = read_sample_sheet(tmp_path / "s.csv")
+    overrides = [segment_overrides(row) for _, row in df.iterrows()]
+    assert overrides == [
+        {"threshold": 30, "exclude_pen": False},
+        {},
+        {"threshold": "otsu"},
+        {"exclude_pen": True},
+    ]
+    params = params_from_dict({**SegmentParams().__dict__, **overrides[0]})
+    assert params.threshold == 30 and params.exclude_pen is False
+    sheet["segment_threshold"] = ["30", "high", "", ""]
+    sheet.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(SampleSheetError, match="segment_threshold 'high' of slide"):
+        read_sample_sheet(tmp_path / "bad.csv")
+    sheet = sheet.drop(columns="segment_threshold").assign(segment_colour="red")
+    sheet.to_csv(tmp_path / "bad2.csv", index=False)
+    with pytest.raises(SampleSheetError, match="'segment_colour' names no segmentation"):
+        read_sample_sheet(tmp_path / "bad2.csv")

@@ -13,65 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 import zarr
+from conftest import REPO, snakemake
 
 from srmil.segment import polygons_mask, read_geojson_polygons
 
-REPO = Path(__file__).resolve().parents[1]
-# Tiny: 8 small slides, 2 folds, a few epochs. Same workflow and config keys as the demo.
-TINY = {
-    "demo": {"n_slides": 8, "width_px": 2048, "height_px": 1536},
-    "cv": {"n_folds": 2},
-    "features": {"threads": 1, "batch_size": 32, "num_workers": 0},
-    "train": {
-        "srmil": {"model": {}, "train": {"epochs": 4}},
-        "abmil": {"model": {}, "train": {"epochs": 4}},
-    },
-}
-
-
-def deep_update(base: dict, new: dict) -> dict:
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--cores",
-        "2",
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    return proc
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    config = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()), TINY)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    # A first stage-limited run: `features` must stop after features.
-    snakemake(workdir, "features")
-    assert not (workdir / "results" / "models").exists()
-    assert not (workdir / "results" / "graphs").exists()
-    snakemake(workdir)
-    return workdir
+# The tiny cohort (TINY), `snakemake` and the session's completed `run` live in conftest.py,
+# shared with test_reruns.py and test_slurm.py.
 
 
 @pytest.mark.slow
@@ -162,3 +110,103 @@ def test_missing_slide_stops_with_one_line_naming_it(tmp_path: Path) -> None:
     proc = snakemake(tmp_path, "-n", "--config", "samples=sheet.csv", check=False)
     assert proc.returncode != 0
     assert "missing.svs: slide file not found" in proc.stdout + proc.stderr
+
+
+# --- evaluation, prediction, ablation, report (issue 7) ---------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_bytes: int = 5000) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > min_bytes, path
+
+
+@pytest.mark.slow
+def test_heatmaps_diagnostics_and_comparison(run: Path) -> None:
+    label = pd.read_csv(run / "resources/demo/samples.csv").set_index("slide_id")["label"]
+    for model in ("srmil", "abmil"):
+        out = run / f"results/eval/{model}/resnet18"
+        shown = [p.stem for p in (out / "heatmaps").glob("*.png")]
+        assert sorted(label[shown]) == ["normal", "normal", "tumour", "tumour"]  # max_heatmaps 4
+        for png in [*(out / "heatmaps").glob("*.png"), out / "attention_diagnostics.png"]:
+            assert_png(png)
+        metrics = json.loads((out / "metrics.json").read_text())
+        low, high = metrics["pooled_ci"]["accuracy"]
+        assert low <= metrics["pooled"]["accuracy"] <= high
+        record = json.loads(
+            (run / f"results/models/{model}/resnet18/fold_0.attention.json").read_text()
+        )
+        assert [e["epoch"] for e in record["epochs"]] == [1, 2, 3, 4]
+        # Tumour slides of the training set carry annotations: the figure's panel (c) has data.
+        assert record["positive_slides"] and len(record["epochs"][0]["top1_positive"]) == len(
+            record["positive_slides"]
+        )
+    table = pd.read_csv(run / "results/eval/resnet18/comparison.csv")
+    assert set(table["model"]) == {"srmil", "abmil"}
+    assert "| metric | srmil | abmil |" in (run / "results/eval/resnet18/comparison.md").read_text()
+    assert_png(run / "results/eval/resnet18/attention_diagnostics.png")
+
+
+@pytest.mark.slow
+def test_predict_new_slides_reproduces_evaluate(run: Path) -> None:
+    """Cohort slides as new slides (no labels): the fold model that held a slide out gives the
+    evaluate stage's probability, through Snakemake (one slide) and `srmil predict` (two)."""
+    evaluated = pd.read_csv(run / "results/eval/srmil/resnet18/predictions.csv")
+    evaluated = evaluated.set_index("slide_id")
+    sheet = pd.read_csv(run / "resources/demo/samples.csv").set_index("slide_id")
+    chosen = [sheet.index[sheet["label"] == label][0] for label in ("normal", "tumour")]
+    new = sheet.loc[chosen, ["path", "annotation"]].fillna("")
+    new["path"] = ["resources/demo/" + p for p in new["path"]]
+    new["annotation"] = ["resources/demo/" + a if a else "" for a in new["annotation"]]
+    new.reset_index().to_csv(run / "new_slides.csv", index=False)
+    new.iloc[1:].reset_index().to_csv(run / "new_slide.csv", index=False)
+
+    snakemake(run, "predict", "--config", "predict={samples: new_slide.csv}")
+    out = run / "results/predict/srmil/resnet18"
+    cli_out = run / "predict_cli"
+    subprocess.run(
+        [sys.executable, "-m", "srmil.cli", "predict", "--samples", "new_slides.csv",
+         "--models-dir", "results/models/srmil/resnet18", "--out-dir", str(cli_out),
+         "--config", "config.yaml", "--threads", "1", "--device", "cpu"],
+        cwd=run, check=True, capture_output=True, timeout=600,
+    )
+    runs = [(pd.read_csv(out / "predictions.csv"), chosen[1:]),
+            (pd.read_csv(cli_out / "predictions.csv"), chosen)]
+    for table, slides in runs:
+        table = table.set_index("slide_id")
+        assert list(table.index) == slides and "label" not in table.columns
+        for slide_id in slides:
+            fold = evaluated.at[slide_id, "fold"]
+            assert table.at[slide_id, f"prob_tumour_fold{fold}"] == pytest.approx(
+                evaluated.at[slide_id, "prob_tumour"], abs=1e-4
+            )
+    assert sorted(p.stem for p in (cli_out / "heatmaps").glob("*.png")) == sorted(chosen)
+    assert_png(out / "heatmaps" / f"{chosen[1]}.png")
+    assert_png(cli_out / "heatmaps" / f"{chosen[1]}.png")
+
+
+@pytest.mark.slow
+def test_ablation_target_sweeps_the_mask_ratio(run: Path) -> None:
+    snakemake(run, "ablation")
+    table = pd.read_csv(run / "results/ablation/srmil/resnet18/mask_ratio.csv")
+    assert list(table["mask_ratio"]) == [0.5, 0.7]
+    assert table[["auc", "accuracy"]].notna().all().all()
+    meta = json.loads((run / "results/ablation/srmil/resnet18/mask_0.5/fold_1.json").read_text())
+    assert meta["model_hparams"]["mask_ratio"] == 0.5
+    # The main model's ratio is not trained again: its row is the evaluate stage's metrics.
+    assert not (run / "results/ablation/srmil/resnet18/mask_0.7").exists()
+    main = json.loads((run / "results/eval/srmil/resnet18/metrics.json").read_text())
+    assert table.at[1, "accuracy"] == pytest.approx(main["pooled"]["accuracy"])
+    assert_png(run / "results/ablation/srmil/resnet18/mask_ratio.png")
+
+
+@pytest.mark.slow
+def test_report_renders_with_the_plots(run: Path) -> None:
+    if not (run / "results/ablation/srmil/resnet18/mask_ratio.csv").exists():
+        snakemake(run, "ablation")  # when this test runs alone
+    snakemake(run, "--report", "report.html", "all", "ablation")
+    html = (run / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for caption in ("Attention diagnostics", "Attention heatmaps", "Mask-ratio ablation"):
+        assert caption in html, caption

@@ -5,7 +5,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from snakemake.utils import validate
 
+from srmil.data import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
 from srmil.samples import read_sample_sheet
@@ -28,7 +30,7 @@ def load_samples():
         ]
         sheet["mpp"] = float("nan")
         return sheet
-    sheet = read_sample_sheet(config["samples"])
+    sheet = read_sample_sheet(config["samples"], classes=config.get("classes"))
     validate(sheet, "../schemas/samples.schema.yaml")
     return sheet
 
@@ -41,13 +43,30 @@ except InputError as err:
 SLIDES = list(SAMPLES.index)
 EXTRACTORS = config["features"]["extractors"]
 MODELS = config["train"]["models"]
-FOLDS = list(range(config["cv"]["n_folds"]))
+SPLIT_FILE = config["cv"].get("split_file")
+try:
+    # A fixed split file sets the number of folds; else k-fold with cv.n_folds.
+    FOLDS = list(
+        range(fold_count(SPLIT_FILE) if SPLIT_FILE else config["cv"]["n_folds"])
+    )
+except InputError as err:
+    sys.exit(f"srmil: error: {err}")
+
+# The cohort as a whole (one class only, a class with fewer patients than folds, split-file
+# ids not in the sheet) is checked here, so it stops the run before any job.
+try:
+    if SPLIT_FILE:
+        read_split_file(SPLIT_FILE, SAMPLES, config["cv"].get("val_fraction", 0.2))
+    else:
+        make_splits(SAMPLES, len(FOLDS), config["cv"].get("val_fraction", 0.2))
+except InputError as err:
+    sys.exit(f"srmil: error: {config['samples']}: {err}")
 
 for _name in EXTRACTORS:
     if _name not in config["backbones"]:
-        raise ValueError(
-            f"config.yaml: features.extractors names {_name!r}, which is not under 'backbones'; "
-            "define it there or remove it"
+        sys.exit(
+            f"srmil: error: config.yaml: features.extractors names {_name!r}, which is not "
+            "under 'backbones'; define it there or remove it"
         )
 
 
@@ -93,3 +112,119 @@ def graph_stores(wildcards):
 def stores_dir(stores):
     """The folder of a list of per-slide stores (features or graphs of one extractor)."""
     return os.path.dirname(stores[0])
+
+
+def scaled(base, per_slide=0.0):
+    """A job's mem_mb or runtime (minutes): base plus per_slide for each slide of the cohort,
+    doubled on each retry (the SLURM profile sets `retries`)."""
+    return lambda wildcards, attempt: int((base + per_slide * len(SLIDES)) * attempt)
+
+
+# envs/srmil.yaml installs this checkout with `pip install -e ${SRMIL_ROOT}` (`--sdm conda`).
+os.environ.update(SRMIL_ROOT=workflow.basedir)
+
+
+# --- evaluation, ablation, prediction (evaluate.smk, ablation.smk, predict.smk) ----------------
+
+
+def evaluate_options():
+    """The `evaluate:` section as command-line options (changing one reruns evaluation)."""
+    section = config.get("evaluate", {})
+    options = {
+        "--n-bootstrap": section.get("n_bootstrap", 1000),
+        "--ci-level": section.get("ci_level", 0.95),
+        "--top-patches": section.get("top_patches", 8),
+        "--heatmap-px": section.get("heatmap_px", 1024),
+        "--seed": config["seed"],
+    }
+    if section.get("max_heatmaps") is not None:
+        options["--max-heatmaps"] = section["max_heatmaps"]
+    return " ".join(f"{k} {v}" for k, v in options.items())
+
+
+MASK_RATIOS = [
+    f"{float(r):g}" for r in (config.get("ablation") or {}).get("mask_ratios", [])
+]
+
+
+def ablation_model_params(wildcards):
+    """SRMIL's model settings from train.srmil with this job's mask ratio."""
+    base = (config["train"].get("srmil") or {}).get("model") or {}
+    return as_json({**base, "mask_ratio": float(wildcards.ratio)})
+
+
+def ablation_metrics(wildcards):
+    """Metrics of SRMIL at each mask ratio; the ratio of train.srmil is the main SRMIL model's
+    (same folds, seed and settings), so it is evaluated once, not trained twice."""
+    # Imported here: torch is loaded only when the ablation is requested.
+    from srmil.models import default_hparams
+
+    model = (config["train"].get("srmil") or {}).get("model") or {}
+    main_ratio = float(model.get("mask_ratio", default_hparams("srmil")["mask_ratio"]))
+    return [
+        (
+            f"results/eval/srmil/{wildcards.extractor}/metrics.json"
+            if "srmil" in MODELS and float(r) == main_ratio
+            else f"results/ablation/srmil/{wildcards.extractor}/mask_{r}/eval/metrics.json"
+        )
+        for r in MASK_RATIOS
+    ]
+
+
+PREDICT = {"samples": None, "model": "srmil", "extractor": "resnet18"}
+PREDICT.update(config.get("predict") or {})
+
+
+def load_predict_samples():
+    """The sheet of new slides (labels optional), or an empty table when none is set."""
+    if not PREDICT["samples"]:
+        return pd.DataFrame(columns=["slide_id", "path", "annotation", "mpp"])
+    if PREDICT["model"] not in MODELS or PREDICT["extractor"] not in EXTRACTORS:
+        raise InputError(
+            f"config.yaml: predict.model {PREDICT['model']!r} / predict.extractor "
+            f"{PREDICT['extractor']!r} must be among train.models ({', '.join(MODELS)}) "
+            f"and features.extractors ({', '.join(EXTRACTORS)})"
+        )
+    return read_sample_sheet(PREDICT["samples"], require_labels=False)
+
+
+try:
+    PREDICT_SAMPLES = load_predict_samples().set_index("slide_id", drop=False)
+except InputError as err:
+    sys.exit(f"srmil: error: {err}")
+PREDICT_SLIDES = list(PREDICT_SAMPLES.index)
+# New slides may share ids with the cohort: their files live under results/predict/.
+PREDICT_SLIDE = "|".join(s.replace(".", r"\.") for s in PREDICT_SLIDES) or "(?!)"
+
+
+def predict_slide_path(wildcards):
+    return PREDICT_SAMPLES.loc[wildcards.slide, "path"]
+
+
+def predict_slide_annotation(wildcards):
+    annotation = PREDICT_SAMPLES.loc[wildcards.slide, "annotation"]
+    return [annotation] if annotation else []
+
+
+def predict_slide_mpp(wildcards):
+    mpp = PREDICT_SAMPLES.loc[wildcards.slide, "mpp"]
+    return "" if pd.isna(mpp) else str(mpp)
+
+
+def predict_stores(pattern):
+    return lambda wildcards: expand(
+        pattern, slide=PREDICT_SLIDES, extractor=wildcards.extractor
+    )
+
+
+def predict_target(wildcards):
+    if not PREDICT_SLIDES:
+        raise InputError(
+            "config.yaml: predict.samples is not set; point it to a sample sheet of the new "
+            "slides, e.g. --config predict='{samples: new_slides.csv}'"
+        )
+    return expand(
+        "results/predict/{model}/{extractor}/predictions.csv",
+        model=PREDICT["model"],
+        extractor=PREDICT["extractor"],
+    )

@@ -11,6 +11,9 @@ if IS_DEMO:
             "results/benchmarks/demo.tsv"
         conda:
             "../../envs/srmil.yaml"
+        resources:
+            mem_mb=scaled(2000),
+            runtime=scaled(30),
         params:
             out_dir=lambda wildcards, output: os.path.dirname(output.sheet),
             n_slides=config["demo"]["n_slides"],

@@ -5,8 +5,14 @@ rule evaluate_model:
         models=expand(
             "results/models/{{model}}/{{extractor}}/fold_{fold}.pt", fold=FOLDS
         ),
+        attention=expand(
+            "results/models/{{model}}/{{extractor}}/fold_{fold}.attention.json",
+            fold=FOLDS,
+        ),
         features=feature_stores,
         graphs=graph_stores,
+        tiles=expand("results/tiles/{slide}.json", slide=SLIDES),
+        slides=[SAMPLES.loc[s, "path"] for s in SLIDES],
     output:
         metrics="results/eval/{model}/{extractor}/metrics.json",
         predictions="results/eval/{model}/{extractor}/predictions.csv",
@@ -28,6 +34,19 @@ rule evaluate_model:
             category="Evaluation",
             subcategory="{model} / {extractor}",
         ),
+        diagnostics=report(
+            "results/eval/{model}/{extractor}/attention_diagnostics.png",
+            caption="../report/attention_diagnostics.rst",
+            category="Attention diagnostics",
+            subcategory="{model} / {extractor}",
+        ),
+        heatmaps=report(
+            directory("results/eval/{model}/{extractor}/heatmaps"),
+            patterns=["{slide}.png"],
+            caption="../report/heatmap.rst",
+            category="Attention heatmaps",
+            subcategory="{model} / {extractor}",
+        ),
     log:
         "logs/evaluate/{model}/{extractor}.log",
     benchmark:
@@ -35,17 +54,61 @@ rule evaluate_model:
     conda:
         "../../envs/srmil.yaml"
     threads: config["train"]["threads"]
+    resources:
+        mem_mb=scaled(4000, per_slide=25),
+        runtime=scaled(30, per_slide=0.1),
     params:
         features_dir=lambda wildcards, input: stores_dir(input.features),
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
+        tiles_dir=lambda wildcards, input: stores_dir(input.tiles),
         models_dir=lambda wildcards, input: os.path.dirname(input.models[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         device=config["train"]["device"],
+        options=evaluate_options(),
     shell:
         "srmil evaluate --model {wildcards.model} --samples {input.samples:q}"
         " --splits {input.splits} --models-dir {params.models_dir}"
         " --features-dir {params.features_dir} --graphs-dir {params.graphs_dir}"
+        " --tiles-dir {params.tiles_dir} {params.options}"
         " --device {params.device} --threads {threads} --out-dir {params.out_dir}"
+        " > {log} 2>&1"
+
+
+rule compare_models:
+    input:
+        metrics=expand("results/eval/{model}/{{extractor}}/metrics.json", model=MODELS),
+        attention=expand(
+            "results/models/{model}/{{extractor}}/fold_{fold}.attention.json",
+            model=MODELS,
+            fold=FOLDS,
+        ),
+    output:
+        csv="results/eval/{extractor}/comparison.csv",
+        md="results/eval/{extractor}/comparison.md",
+        diagnostics=report(
+            "results/eval/{extractor}/attention_diagnostics.png",
+            caption="../report/comparison_diagnostics.rst",
+            category="Attention diagnostics",
+            subcategory="all models / {extractor}",
+        ),
+    log:
+        "logs/evaluate/compare_{extractor}.log",
+    benchmark:
+        "results/benchmarks/evaluate/compare_{extractor}.tsv"
+    conda:
+        "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(2000),
+        runtime=scaled(10),
+    params:
+        models_dirs=lambda wildcards: expand(
+            "results/models/{model}/{extractor}",
+            model=MODELS,
+            extractor=wildcards.extractor,
+        ),
+    shell:
+        "srmil compare --metrics {input.metrics} --models-dirs {params.models_dirs}"
+        " --out-csv {output.csv} --out-md {output.md} --out-png {output.diagnostics}"
         " > {log} 2>&1"
 
 
@@ -56,6 +119,7 @@ rule evaluate:
             model=MODELS,
             extractor=EXTRACTORS,
         ),
+        expand("results/eval/{extractor}/comparison.csv", extractor=EXTRACTORS),
 
 
 localrules:
@@ -65,3 +129,4 @@ localrules:
     graphs,
     train,
     evaluate,
+    compare_models,

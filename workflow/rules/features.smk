@@ -11,6 +11,9 @@ rule extract_features:
     conda:
         "../../envs/srmil.yaml"
     threads: config["features"]["threads"]
+    resources:
+        mem_mb=scaled(8000),
+        runtime=scaled(120),
     params:
         backbone=lambda wildcards: as_json(config["backbones"][wildcards.extractor]),
         batch_size=config["features"]["batch_size"],
@@ -18,12 +21,14 @@ rule extract_features:
         device=config["features"]["device"],
         amp=config["features"]["amp"],
         dtype=config["features"]["dtype"],
+        read_block=config["features"]["read_block"],
         seed=config["seed"],
     shell:
         "srmil features --slide {input.slide:q} --tiles {input.tiles} --out {output}"
         " --extractor {wildcards.extractor} --backbone {params.backbone}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers}"
         " --device {params.device} --amp {params.amp} --dtype {params.dtype}"
+        " --read-block {params.read_block}"
         " --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 

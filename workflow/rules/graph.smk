@@ -9,6 +9,9 @@ rule build_graph:
         "results/benchmarks/graph/{slide}.tsv"
     conda:
         "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(2000),
+        runtime=scaled(15),
     params:
         window=config["graph"]["window"],
     shell:

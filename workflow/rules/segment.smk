@@ -1,3 +1,6 @@
+from srmil.samples import segment_overrides
+
+
 rule segment_slide:
     input:
         slide=slide_path,
@@ -15,12 +18,18 @@ rule segment_slide:
         "results/benchmarks/segment/{slide}.tsv"
     conda:
         "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(15),
     params:
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
-        params=as_json(config["segment"]),
+        # config.yaml's segment section with this slide's sample-sheet overrides
+        params=lambda wc: as_json(
+            {**config["segment"], **segment_overrides(SAMPLES.loc[wc.slide])}
+        ),
     shell:
-        "srmil segment --slide {input.slide:q} --annotation '{input.annotation}'"
+        "srmil segment --slide {input.slide:q} --annotation={input.annotation:q}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
         " --out {output.geojson} --qc {output.qc} > {log} 2>&1"
 

@@ -2,14 +2,23 @@ rule tile_slide:
     input:
         slide=slide_path,
         tissue="results/segment/{slide}.geojson",
+        seg_qc="results/segment/{slide}.qc.png",
     output:
-        "results/tiles/{slide}.json",
+        tiles="results/tiles/{slide}.json",
+        qc=report(
+            "results/tiles/{slide}.qc.png",
+            caption="../report/tile.rst",
+            category="Tiling",
+        ),
     log:
         "logs/tile/{slide}.log",
     benchmark:
         "results/benchmarks/tile/{slide}.tsv"
     conda:
         "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(2000),
+        runtime=scaled(15),
     params:
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
@@ -17,7 +26,7 @@ rule tile_slide:
     shell:
         "srmil tile --slide {input.slide:q} --tissue {input.tissue}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
-        " --out {output} > {log} 2>&1"
+        " --seg-qc {input.seg_qc} --qc {output.qc} --out {output.tiles} > {log} 2>&1"
 
 
 rule tile:

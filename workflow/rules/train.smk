@@ -1,6 +1,7 @@
 rule splits:
     input:
-        config["samples"],
+        samples=config["samples"],
+        split_file=[SPLIT_FILE] if SPLIT_FILE else [],
     output:
         "results/splits.json",
     log:
@@ -9,12 +10,17 @@ rule splits:
         "results/benchmarks/splits.tsv"
     conda:
         "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(2000),
+        runtime=scaled(10),
     params:
         n_folds=config["cv"]["n_folds"],
         val_fraction=config["cv"]["val_fraction"],
         seed=config["seed"],
+        split_file=shlex.quote(SPLIT_FILE or ""),
     shell:
-        "srmil splits --samples {input:q} --out {output} --n-folds {params.n_folds}"
+        "srmil splits --samples {input.samples:q} --out {output} --n-folds {params.n_folds}"
+        " --split-file {params.split_file}"
         " --val-fraction {params.val_fraction} --seed {params.seed} > {log} 2>&1"
 
 
@@ -28,6 +34,7 @@ rule train_fold:
         model="results/models/{model}/{extractor}/fold_{fold}.pt",
         meta="results/models/{model}/{extractor}/fold_{fold}.json",
         epochs="results/models/{model}/{extractor}/fold_{fold}.csv",
+        attention="results/models/{model}/{extractor}/fold_{fold}.attention.json",
     log:
         "logs/train/{model}/{extractor}/fold_{fold}.log",
     benchmark:
@@ -35,6 +42,10 @@ rule train_fold:
     conda:
         "../../envs/srmil.yaml"
     threads: config["train"]["threads"]
+    resources:
+        # the cohort's features and graphs are held in memory (~25 MB a slide at 512-d)
+        mem_mb=scaled(4000, per_slide=25),
+        runtime=scaled(60, per_slide=0.5),
     params:
         features_dir=lambda wildcards, input: stores_dir(input.features),
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),

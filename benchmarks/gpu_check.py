@@ -1,0 +1,278 @@
+"""Feature extraction on a GPU, checked and timed in one short run (a lent GPU's time is scarce).
+
+Checks: CUDA is chosen by `device: auto`; AMP bf16 and fp16 give finite features close to fp32;
+the model and its input are channels-last; reader output arrives in pinned memory and
+non-blocking copies are exact; extract_features on CUDA (bf16, fp16) agrees with CPU fp32.
+Timings: per model, forward-only on random tensors vs the full pipeline (benchmarks/features.py
+does the measuring), the readers' own ceiling (no model), and the readers' start-up (first
+chunk) apart from their steady rate, per reader count. Writes gpu_check.json and
+gpu_check.md to --out. Every check is recorded, none stops the run.
+
+    python benchmarks/gpu_check.py --slides-dir COHORT --out $OUT            # on the GPU
+    python benchmarks/gpu_check.py --small --out /tmp/gpu_check              # rehearsal, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "features.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+from srmil import store  # noqa: E402
+from srmil.backbones import load_backbone  # noqa: E402
+from srmil.features import (  # noqa: E402
+    ChunkDataset,
+    Readers,
+    amp_dtype,
+    extract_features,
+    iterate_chunks,
+    plan_batches,
+    preprocess,
+    resolve_device,
+    resolve_workers,
+    split_chunks,
+)
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min())
+
+
+def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+
+    def check(name: str, fn) -> None:
+        start = time.perf_counter()
+        try:
+            result = fn()
+            checks[name] = {"ok": bool(result.pop("ok", True)), **result}
+        except Exception as err:  # noqa: BLE001 - record and go on: one run only
+            checks[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            traceback.print_exc()
+        checks[name]["seconds"] = round(time.perf_counter() - start, 2)
+        print(f"check {name}: {json.dumps(checks[name])}", flush=True)
+
+    def cuda() -> dict[str, Any]:
+        auto = resolve_device("auto")
+        out = {"auto_device": str(auto), "cuda_available": torch.cuda.is_available()}
+        if torch.cuda.is_available():
+            out |= {
+                "name": torch.cuda.get_device_name(0),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+                "bf16_supported": torch.cuda.is_bf16_supported(),
+                "amp_auto": str(amp_dtype(auto, "auto")),
+                "readers_auto": resolve_workers("auto", auto),
+            }
+        return {"ok": auto.type == "cuda" or args.small, **out}
+
+    check("cuda", cuda)
+    model_name = args.check_model
+    backbone = load_backbone({"model": model_name, "pretrained": False}, seed=0)
+
+    def amp() -> dict[str, Any]:
+        model = backbone.model.to(device).to(memory_format=torch.channels_last)
+        torch.manual_seed(0)
+        x = torch.randn(8, *backbone.data_config["input_size"], device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        out: dict[str, Any] = {}
+        with torch.inference_mode():
+            ref = model(x).float().cpu().numpy()
+            for name in ("bf16", "fp16"):
+                dtype = amp_dtype(device, name)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    y = model(x)
+                out[name] = {
+                    "output_dtype": str(y.dtype),
+                    "finite": bool(torch.isfinite(y).all()),
+                    "cosine_min_vs_fp32": cosine_min(y.float().cpu().numpy(), ref),
+                }
+        ok = all(v["finite"] and v["cosine_min_vs_fp32"] > 0.99 for v in out.values())
+        if device.type == "cuda":
+            ok &= out["bf16"]["output_dtype"] == "torch.bfloat16"
+        return {"ok": ok, **out}
+
+    check("amp", amp)
+
+    def channels_last() -> dict[str, Any]:
+        model = backbone.model.to(device).to(memory_format=torch.channels_last)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        batch = torch.randint(0, 255, (4, 224, 224, 3), dtype=torch.uint8, device=device)
+        x = preprocess(batch, backbone.data_config)
+        out = {
+            "weights": conv.weight.is_contiguous(memory_format=torch.channels_last),
+            "input": x.is_contiguous(memory_format=torch.channels_last),
+        }
+        return {"ok": all(out.values()), **out}
+
+    check("channels_last", channels_last)
+
+    def pinned() -> dict[str, Any]:
+        slide, tiles, _ = slides[0]
+        coords, _, plan = store.read_tiles(tiles)
+        chunks = split_chunks(plan_batches(coords[:64], plan, 32, 1))
+        data = ChunkDataset(slide, coords[:64], plan, chunks)
+        out = {"workers": {}, "thread": {}}
+        for mode, workers in (("workers", 2), ("thread", 0)):
+            for x, _ in iterate_chunks(data, workers, pin_memory=device.type == "cuda"):
+                y = x.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+                out[mode] = {"pinned": x.is_pinned(), "copy_exact": bool((y.cpu() == x).all())}
+                break
+        ok = all(v["copy_exact"] for v in out.values())
+        if device.type == "cuda":
+            ok &= all(v["pinned"] for v in out.values())
+        return {"ok": ok, **out}
+
+    check("pinned_non_blocking", pinned)
+
+    def agreement() -> dict[str, Any]:
+        slide, tiles, _ = slides[0]
+        coords, fraction, plan = store.read_tiles(tiles)
+        small = work / "small.json"
+        store.write_tiles(small, coords[:64], fraction[:64], plan)
+        runs = {"cpu_fp32": ("cpu", "none"), "bf16": (args.device, "bf16")}
+        runs["fp16"] = (args.device, "fp16")
+        feats, out = {}, {}
+        for name, (dev, amp_name) in runs.items():
+            stats = extract_features(
+                slide,
+                small,
+                work / f"{name}.zarr",
+                backbone,
+                "check",
+                batch_size=32,
+                num_workers="auto",
+                device=dev,
+                amp=amp_name,
+                dtype="float32",
+                progress=False,
+            )
+            feats[name], _, attrs = store.read_feature_store(work / f"{name}.zarr")
+            out[name] = {
+                "device": attrs["device"],
+                "amp": attrs["amp"],
+                "workers": stats["workers"],
+            }
+        for name in ("bf16", "fp16"):
+            out[name]["cosine_min_vs_cpu"] = cosine_min(feats[name], feats["cpu_fp32"])
+        ok = all(out[n]["cosine_min_vs_cpu"] > 0.99 for n in ("bf16", "fp16"))
+        return {"ok": ok, **out}
+
+    check("extract_cuda_vs_cpu", agreement)
+    backbone.model.cpu()
+    return checks
+
+
+def scan_readers(slides, device: torch.device, counts: list[int]) -> dict[str, Any]:
+    """Readers alone per reader count: start-up (first chunk) apart from the steady rate, to
+    tell a per-slide start-up cost from a per-patch reading cost."""
+    out = {}
+    for workers in counts:
+        first, steady_n, steady_s, total_s = [], 0, 0.0, 0.0
+        for slide, tiles, _ in slides:
+            coords, _, plan = store.read_tiles(tiles)
+            data = ChunkDataset(
+                slide, coords, plan, split_chunks(plan_batches(coords, plan, 256, 1))
+            )
+            start = time.perf_counter()
+            readers = Readers(data, workers, pin_memory=device.type == "cuda")
+            x, _ = next(readers)
+            t_first = time.perf_counter()
+            n = sum(len(x) for x, _ in readers)
+            readers.close()
+            end = time.perf_counter()
+            first.append(t_first - start)
+            steady_n, steady_s, total_s = (
+                steady_n + n,
+                steady_s + end - t_first,
+                total_s + end - start,
+            )
+        out[f"readers_{workers}"] = {
+            "first_chunk_s": [round(f, 3) for f in first],
+            "steady_patches_per_s": steady_n / steady_s,
+            "patches_per_s": sum(s[2] for s in slides) / total_s,
+        }
+        print(f"readers {workers}: {json.dumps(out[f'readers_{workers}'])}", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--slides-dir", type=Path, default=None, help="demo cohort (else generated)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
+    p.add_argument("--check-model", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="CPU rehearsal: tiny sizes")
+    args = p.parse_args()
+    args.device, args.amp, args.workers, args.read_block = "auto", "bf16", "auto", 1
+    args.threads = None
+    if args.small:
+        args.models, args.check_model = ["resnet18"], "resnet18"
+        args.batch_size, args.repeats, args.passes = 16, 1, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    report: dict[str, Any] = {"environment": bench.environment(args)}
+    print(json.dumps(report["environment"]), flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="srmil-gpu-") as tmp:
+        work = Path(tmp)
+        slides = bench.prepare_slides(
+            work, args.slides_dir, 2, 2048, 1536, 48 if args.small else None
+        )
+        report["slides"] = [{"slide": Path(s[0]).name, "patches": s[2]} for s in slides]
+        print(json.dumps(report["slides"]), flush=True)
+        report["checks"] = run_checks(slides, work, args, device)
+        reading = {}
+        for block in (1, 4):
+            workers = resolve_workers("auto", device)
+            rate = bench.reading_only(slides, args.batch_size, workers, block, device)
+            reading[f"block_{block}"] = {"readers": workers or "1 thread", "patches_per_s": rate}
+            print(f"reading only, block {block}: {rate:.0f} patches/s", flush=True)
+        report["reading_only"] = reading
+        counts = [0, 1, 4, 8, resolve_workers("auto", device)] if not args.small else [0, 1]
+        report["reader_scan"] = scan_readers(slides, device, sorted(set(counts)))
+        report["throughput"] = []
+        for model in args.models:
+            try:
+                report["throughput"].append(bench.bench_model(model, slides, work, args))
+            except Exception as err:  # noqa: BLE001 - keep what the other models give
+                traceback.print_exc()
+                report["throughput"].append({"model": model, "error": repr(err)})
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    good = [r for r in report["throughput"] if "error" not in r]
+    checks = "\n".join(
+        f"- {name}: {'ok' if c['ok'] else 'FAILED'} "
+        f"({', '.join(f'{k}={v}' for k, v in c.items() if k not in ('ok', 'seconds'))})"
+        for name, c in report["checks"].items()
+    )
+    reads = ", ".join(
+        f"{k}: {v['patches_per_s']:.0f} patches/s ({v['readers']} readers)"
+        for k, v in reading.items()
+    )
+    text = bench.markdown(report["environment"], good, f"Reading only: {reads}\n\n{checks}")
+    (args.out / "gpu_check.md").write_text(text)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

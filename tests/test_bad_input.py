@@ -1,0 +1,504 @@
+"""Bad input: every broken slide, sheet or setting gets a one-line error naming the file (or the
+config key) and the fix, or a documented skip recorded in the outputs. Real slides written by
+srmil.demo, damaged the way copies get damaged, read through OpenSlide; the CLI as the workflow
+calls it; and a real Snakemake run with --keep-going on a cohort whose paths hold spaces and
+non-ASCII characters (docs/robustness.md lists each case and where it is caught)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import tifffile
+import torch
+import yaml
+from conftest import REPO, deep_update, snakemake
+
+from srmil.backbones import load_backbone
+from srmil.cli import main
+from srmil.data import load_bag
+from srmil.demo import TissueShape, write_slide
+from srmil.errors import one_line
+from srmil.features import extract_features
+from srmil.graph import build_graph
+from srmil.samples import SampleSheetError, check_slide_file
+from srmil.segment import segment_slide
+from srmil.slide import SlideError
+from srmil.store import read_store_attrs, read_tiles
+from srmil.tiling import tile_slide
+
+RESNET18 = {"model": "resnet18", "pretrained": False}
+
+
+def make_slide(out: Path, name: str, label: str = "normal", index: int = 0, **kwargs) -> Path:
+    """A demo slide at out/slides/{name} (1536 x 1152 px at 0.5 µm/px unless told)."""
+    row = {"slide_id": "x", "path": f"slides/{name}", "label": label, "annotation": ""}
+    size = kwargs.pop("size", (1536, 1152))
+    write_slide(out, row, index, 0, size[0], size[1], 0.5, **kwargs)
+    return out / row["path"]
+
+
+def damage_level0(src: Path, dst: Path, from_fraction: float = 0.25) -> Path:
+    """Zero level 0's tile data from `from_fraction` of its tiles on, keeping the length and the
+    TIFF directories: a copy interrupted half-way into a preallocated file. OpenSlide opens it
+    (the coarse levels are intact) and fails when it decodes the zeroed tiles."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+    first = int(len(offsets) * from_fraction)
+    start, end = offsets[first], offsets[-1] + counts[-1]
+    data[start:end] = bytes(end - start)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def cut_last_page(src: Path, dst: Path) -> Path:
+    """Cut the file inside its last image's data: every TIFF directory is still there, so the
+    format is recognised, but OpenSlide fails to open it (short read)."""
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[-1]
+        cut = page.dataoffsets[0] + sum(page.databytecounts) // 2
+    dst.write_bytes(src.read_bytes()[:cut])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bad_slides")
+    good = make_slide(out, "good.svs", "tumour")
+    s = {
+        "good": good,
+        "blank": make_slide(out, "blank.tif", index=1, tissue_shape=TissueShape(n_pieces=(0, 0))),
+        "tiny": make_slide(out, "tiny.svs", index=2, size=(192, 160)),
+        "long": make_slide(out, "long.tif", index=3, size=(12288, 768)),
+        "nompp_svs": make_slide(out, "nompp.svs", index=4, file_mpp=False),
+        "nompp_tif": make_slide(out, "nompp.tif", index=5, file_mpp=False),
+        "damaged": damage_level0(good, out / "damaged.svs"),
+        "cut": cut_last_page(good, out / "cut.svs"),
+        "empty": out / "empty.svs",
+        "text": out / "text.svs",
+    }
+    s["empty"].write_bytes(b"")
+    s["text"].write_text("slide_id,path\n")  # a CSV saved under a slide's name
+    return s
+
+
+def cli_error(capsys: pytest.CaptureFixture, *argv: object) -> str:
+    """Run `srmil ARGV` in-process; return its one error line (and check it is only one)."""
+    threads = torch.get_num_threads()  # `--threads` sets it for the process: restore it
+    try:
+        assert main([str(a) for a in argv]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(f"srmil {argv[0]}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- files that are no slide at all: refused when the sheet is read ---------------------------
+
+
+def test_non_slides_are_refused_before_any_job(
+    slides: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """The sheet check (run when Snakemake parses the workflow) refuses them, naming the sheet."""
+    for name, message in (
+        (
+            "empty",
+            r"empty\.svs: empty file \(0 bytes\); copy the slide again or remove its "
+            r"row from sheet\.csv",
+        ),
+        (
+            "text",
+            r"text\.svs: not a slide OpenSlide can read \(another format, or a truncated "
+            r"copy\); replace the file or remove its row from sheet\.csv",
+        ),
+    ):
+        with pytest.raises(SampleSheetError, match=message):
+            check_slide_file(slides[name], "sheet.csv")
+    # A stage called on its own says so in one line as well.
+    line = cli_error(
+        capsys,
+        "segment",
+        "--slide",
+        slides["empty"],
+        "--out",
+        tmp_path / "x.geojson",
+        "--qc",
+        tmp_path / "x.png",
+    )
+    assert f"{slides['empty']}: empty file (0 bytes)" in line
+    line = cli_error(
+        capsys,
+        "segment",
+        "--slide",
+        slides["text"],
+        "--out",
+        tmp_path / "x.geojson",
+        "--qc",
+        tmp_path / "x.png",
+    )
+    assert f"{slides['text']}: OpenSlide cannot open it" in line
+
+
+# --- damaged slides: found when read, fail that slide's job only -----------------------------
+
+
+def test_truncated_slide_fails_its_job_with_one_line(
+    slides: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    check_slide_file(slides["cut"])  # recognised: the sheet check lets it through
+    line = cli_error(
+        capsys,
+        "segment",
+        "--slide",
+        slides["cut"],
+        "--out",
+        tmp_path / "cut.geojson",
+        "--qc",
+        tmp_path / "cut.png",
+    )
+    assert f"{slides['cut']}: OpenSlide cannot open it (" in line
+    assert "truncated or damaged: copy it again, or remove its row" in line
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_damaged_pixel_data_fails_when_features_read_it(
+    slides: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    slide = slides["damaged"]
+    check_slide_file(slide)
+    # The segmentation view comes from an intact coarse level: these stages succeed.
+    segment_slide(slide, tmp_path / "d.geojson", tmp_path / "d.png")
+    plan = tile_slide(slide, tmp_path / "d.geojson", tmp_path / "d.json")
+    assert plan["n_tiles"] > 0
+    out = tmp_path / "features" / "d.zarr"
+    line = cli_error(
+        capsys,
+        "features",
+        "--slide",
+        slide,
+        "--tiles",
+        tmp_path / "d.json",
+        "--out",
+        out,
+        "--extractor",
+        "r18",
+        "--backbone",
+        json.dumps(RESNET18),
+        "--threads",
+        "1",
+        "--no-progress",
+    )
+    assert f"{slide}: pixel data at level 0, x=" in line
+    assert "cannot be read (" in line and "the file is truncated or damaged" in line
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no store, no temporary
+    # Reader processes (GPU machines) re-raise the error wrapped; it still prints as one line.
+    with pytest.raises(SlideError) as err:
+        extract_features(
+            slide,
+            tmp_path / "d.json",
+            out,
+            load_backbone(RESNET18),
+            "r18",
+            num_workers=1,
+            device="cpu",
+            progress=False,
+        )
+    assert one_line(err.value).startswith(f"{slide}: pixel data at level 0")
+
+
+# --- slides without a µm/px -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nompp_svs", "nompp_tif"])
+def test_slide_without_mpp(slides: dict[str, Path], tmp_path: Path, capsys, name: str) -> None:
+    slide = slides[name]
+    line = cli_error(
+        capsys,
+        "segment",
+        "--slide",
+        slide,
+        "--out",
+        tmp_path / "a.geojson",
+        "--qc",
+        tmp_path / "a.png",
+    )
+    assert line.endswith(
+        f"{slide}: no µm/px in the file; add an 'mpp' column to the sample sheet or set "
+        "'mpp_fallback' in config.yaml"
+    )
+    fallback = segment_slide(slide, tmp_path / "b.geojson", tmp_path / "b.png", mpp_fallback=0.5)
+    sheet = segment_slide(slide, tmp_path / "c.geojson", tmp_path / "c.png", mpp_override=0.5)
+    assert (fallback["mpp"], fallback["mpp_source"]) == (0.5, "config fallback")
+    assert (sheet["mpp"], sheet["mpp_source"]) == (0.5, "sample sheet")
+
+
+# --- slides without patches: a recorded skip, and an empty bag downstream ---------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("tiny", "slide of 192 x 160 px is smaller than one patch (224 level-0 px)"),
+        ("blank", "no tissue found"),
+    ],
+)
+def test_slide_without_patches_is_a_recorded_skip(
+    slides: dict[str, Path], tmp_path: Path, name: str, reason: str
+) -> None:
+    slide = slides[name]
+    segment_slide(slide, tmp_path / "s.geojson", tmp_path / "s.png")
+    plan = tile_slide(slide, tmp_path / "s.geojson", tmp_path / "s.json")
+    coords, _, saved = read_tiles(tmp_path / "s.json")
+    assert len(coords) == 0 and plan["skipped"] == saved["skipped"] == reason
+    if name != "blank":
+        return
+    # Features and graphs of an empty bag: empty stores that say why, loaded as an empty bag.
+    extract_features(
+        slide,
+        tmp_path / "s.json",
+        tmp_path / "f" / "s.zarr",
+        load_backbone(RESNET18),
+        "r18",
+        device="cpu",
+        progress=False,
+    )
+    build_graph(tmp_path / "s.json", tmp_path / "g" / "s.zarr")
+    assert read_store_attrs(tmp_path / "f" / "s.zarr")["skipped"] == reason
+    bag = load_bag(tmp_path / "f", tmp_path / "g", "s")
+    assert len(bag) == 0 and bag.x.shape == (0, 512) and bag.edge_index.shape == (2, 0)
+
+
+def test_extreme_aspect_ratio_is_tiled(slides: dict[str, Path], tmp_path: Path) -> None:
+    """16:1 (12288 x 768 px): tissue found, patches inside the slide, a QC image of that shape."""
+    slide = slides["long"]
+    summary = segment_slide(slide, tmp_path / "l.geojson", tmp_path / "l.png")
+    plan = tile_slide(
+        slide,
+        tmp_path / "l.geojson",
+        tmp_path / "l.json",
+        out_qc_png=tmp_path / "l.tiles.png",
+        seg_qc_png=tmp_path / "l.png",
+    )
+    coords, _, _ = read_tiles(tmp_path / "l.json")
+    assert summary["n_pieces"] >= 1 and plan["n_tiles"] == len(coords) > 0
+    assert (coords[:, 0] + 224 <= 12288).all() and (coords[:, 1] + 224 <= 768).all()
+    from srmil.segment import read_png
+
+    h, w = read_png(tmp_path / "l.tiles.png").shape[:2]
+    assert w / h == pytest.approx(16, rel=0.1)
+
+
+# --- sheets and config: the workflow stops at parse time with one line ------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rows", "extra", "expected"),
+    [
+        # one class only
+        ([("a", "x", "p1"), ("b", "x", "p2")], [], "sheet.csv: only one class ('x')"),
+        # a typo'd label, with the classes listed in the config
+        (
+            [("a", "normal", "p1"), ("b", "tumor", "p2")],
+            ["classes=[normal,tumour]"],
+            "sheet.csv: slide 'b' has label 'tumor', not one of classes normal, tumour",
+        ),
+        # a config value of the wrong type
+        (
+            [("a", "normal", "p1"), ("b", "tumour", "p2")],
+            ["tile={patch_px: big}"],
+            "config.yaml: tile.patch_px: 'big' is not valid: expected integer",
+        ),
+    ],
+)
+def test_workflow_stops_before_any_job(
+    slides: dict[str, Path], tmp_path: Path, rows: list, extra: list, expected: str
+) -> None:
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    sheet = pd.DataFrame(
+        [
+            {"slide_id": s, "path": str(slides["good"]), "label": lab, "patient_id": p}
+            for s, lab, p in rows
+        ]
+    )
+    sheet.to_csv(tmp_path / "sheet.csv", index=False)
+    proc = snakemake(tmp_path, "-n", "--config", "samples=sheet.csv", *extra, check=False)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith("srmil: error: ")]
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"srmil: error: {expected}"), out[-3000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+# --- the workflow with --keep-going, then with the bad rows removed ---------------------------
+
+# slide id -> (file name, label, patient, how it is made)
+COHORT = {
+    "n1": ("slide ü 1.svs", "normal", "P1", {}),
+    "n2": ("slide ü 2.tif", "normal", "P2", {"file_mpp": False}),  # µm/px from the sheet
+    "n3": ("slide ü 3.tif", "normal", "P3", {"tissue_shape": TissueShape(n_pieces=(0, 0))}),
+    "t1": ("slide ü 4.svs", "tumour", "Jürgen O'Neil", {}),
+    "t2": ("slide ü 5.tif", "tumour", "P5", {"size": (12288, 768)}),
+    "t3": ("slide ü 6.svs", "tumour", "P6", {"size": (192, 160)}),
+    "bad_mpp": ("slide ü 7.tif", "normal", "P7", {"file_mpp": False}),
+    "bad_read": ("slide ü 8.svs", "tumour", "P8", {}),
+}
+SMALL = {
+    "cv": {"n_folds": 2},
+    "features": {"threads": 1, "batch_size": 32, "num_workers": 0},
+    "train": {
+        "srmil": {"model": {}, "train": {"epochs": 2}},
+        "abmil": {"model": {}, "train": {"epochs": 2}},
+    },
+    "evaluate": {"n_bootstrap": 20, "max_heatmaps": 2},
+}
+
+
+@pytest.mark.slow
+def test_keep_going_finishes_the_other_slides_then_the_fixed_sheet_runs_to_the_end(
+    tmp_path: Path,
+) -> None:
+    cohort = tmp_path / "cohort é" / "with spaces"
+    rows = []
+    for i, (slide_id, (name, label, patient, how)) in enumerate(COHORT.items()):
+        annotation = f"annotations/{name} ö.geojson" if slide_id == "t1" else ""
+        row = {
+            "slide_id": slide_id,
+            "path": f"slides/{name}",
+            "label": label,
+            "annotation": annotation,
+        }
+        size = how.get("size", (1536, 1152))
+        kwargs = {k: v for k, v in how.items() if k != "size"}
+        write_slide(cohort, row, i, 0, size[0], size[1], 0.5, **kwargs)
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "path": row["path"],
+                "patient_id": patient,
+                "label": label,
+                "annotation": annotation,
+                "mpp": "0.5" if slide_id == "n2" else "",
+            }
+        )
+    damaged = cohort / "slides" / COHORT["bad_read"][0]
+    damage_level0(damaged, damaged)
+    pd.DataFrame(rows).to_csv(cohort / "sheet 1.csv", index=False)
+    pd.DataFrame(rows[:6]).to_csv(cohort / "sheet 2.csv", index=False)  # the bad rows removed
+    config = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()), SMALL)
+    config["samples"] = "cohort é/with spaces/sheet 1.csv"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+
+    # 1. Every slide's stages up to the features, going on past the failures.
+    proc = snakemake(tmp_path, "--keep-going", "features", check=False)
+    assert proc.returncode != 0
+    logs = tmp_path / "logs"
+    bad_mpp = (logs / "segment/bad_mpp.log").read_text()
+    assert "Traceback" not in bad_mpp and bad_mpp.strip().endswith(
+        f"srmil segment: error: {cohort / 'slides' / COHORT['bad_mpp'][0]}: no µm/px in the "
+        "file; add an 'mpp' column to the sample sheet or set 'mpp_fallback' in config.yaml"
+    )
+    bad_read = (logs / "features/resnet18/bad_read.log").read_text()
+    assert "Traceback" not in bad_read
+    assert f"srmil features: error: {damaged}: pixel data at level 0" in bad_read
+    features = tmp_path / "results/features/resnet18"
+    finished = ["n1", "n2", "n3", "t1", "t2", "t3"]  # all but the two bad slides
+    assert sorted(p.name for p in features.iterdir()) == [f"{s}.zarr" for s in finished]
+    stamps = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+
+    # 2. The user removes the two bad rows: the run completes, reusing every finished store.
+    proc = snakemake(tmp_path, "--config", "samples=cohort é/with spaces/sheet 2.csv")
+    assert "extract_features" not in proc.stdout + proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == stamps
+    for model in ("srmil", "abmil"):
+        out = tmp_path / f"results/eval/{model}/resnet18"
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["skipped"] == ["n3", "t3"]
+        assert metrics["skipped_reasons"] == {
+            "n3": "no tissue found",
+            "t3": "slide of 192 x 160 px is smaller than one patch (224 level-0 px)",
+        }
+        predicted = pd.read_csv(out / "predictions.csv")
+        assert sorted(predicted["slide_id"]) == ["n1", "n2", "t1", "t2"]
+        assert len(list((out / "heatmaps").glob("*.png"))) == 2
+    tiles = json.loads((tmp_path / "results/tiles/n2.json").read_text())
+    assert tiles["plan"]["mpp_source"] == "sample sheet"
+
+
+# --- nothing a user supplies is unpickled -----------------------------------------------------
+
+SOURCES = [
+    *sorted((REPO / "srmil").rglob("*.py")),
+    *sorted((REPO / "workflow").rglob("*.smk")),
+    REPO / "Snakefile",
+]
+
+
+def test_no_unsafe_deserialisation_in_the_source() -> None:
+    import re
+
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        where = path.relative_to(REPO)
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (where, call)
+        assert not re.search(
+            r"pickle\.loads?\(|allow_pickle\s*=\s*True|yaml\.load\(|"
+            r"yaml\.unsafe_load|marshal\.loads?\(|dill|joblib\.load",
+            text,
+        ), where
+        if "import pickle" in text:  # only for the exception type torch raises
+            assert path.name == "store.py" and "pickle.UnpicklingError" in text, where
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, capsys) -> None:
+    from srmil.backbones import BackboneError, load_weights
+    from srmil.models import build_model, default_hparams
+    from srmil.store import StoreError, load_state_dict
+    from srmil.train import load_model
+
+    marker = tmp_path / "ran"
+    model = build_model("abmil", in_dim=4, n_classes=2)
+    evil = tmp_path / "models" / "fold_0.pt"
+    evil.parent.mkdir()
+    torch.save({**model.state_dict(), "extra": _Payload(marker)}, evil)
+    evil.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "model": "abmil",
+                "in_dim": 4,
+                "classes": ["a", "b"],
+                "model_hparams": default_hparams("abmil"),
+            }
+        )
+    )
+    for load in (load_state_dict, load_model):
+        with pytest.raises(StoreError, match="not a plain tensor checkpoint") as err:
+            load(evil)
+        assert "Python objects besides tensors" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BackboneError):
+        load_weights(load_backbone(RESNET18).model, evil, "resnet18")
+    assert not marker.exists()  # nothing ran
+    torch.load(evil, weights_only=False)  # what a plain torch.load would have done
+    assert marker.exists()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # a plain state dict loads
+    assert load_state_dict(tmp_path / "plain.pt").keys() == model.state_dict().keys()

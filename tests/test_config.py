@@ -1,0 +1,121 @@
+"""config.yaml against its schema: the shipped defaults pass; bad values name their key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srmil.config import ConfigError, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_shipped_config_is_valid() -> None:
+    validate_config(DEFAULT, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        (None, "seed", "abc", r"seed: 'abc' is not valid: expected integer"),
+        ("tile", "patch_px", -3, r"tile\.patch_px: -3 is not valid: must be >= 16"),
+        ("tile", "target_mpp", 0, r"tile\.target_mpp: 0 is not valid"),
+        ("features", "dtype", "int8", r"features\.dtype: 'int8' is not valid: must be one of"),
+        ("cv", "n_folds", 1, r"cv\.n_folds: 1 is not valid: must be >= 2"),
+        ("tile", "patch_sizes", 3, r"tile: unknown key \('patch_sizes' was unexpected\)"),
+    ],
+)
+def test_bad_values_name_the_key(section, key, value, expected) -> None:
+    config = copy.deepcopy(DEFAULT)
+    (config[section] if section else config)[key] = value
+    with pytest.raises(ConfigError, match=expected) as err:
+        validate_config(config, SCHEMA)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (
+            ("train", "srmil", "train", "epochs"),
+            "ten",
+            r"train\.srmil\.train\.epochs: 'ten' .*integer",
+        ),
+        (("train", "abmil", "train", "optimizer"), "sgd", r"train\.abmil\.train\.optimizer: 'sgd'"),
+        (("train", "srmil", "train", "lr"), -1, r"train\.srmil\.train\.lr: -1 is not valid"),
+        (("train", "srmil", "train", "select_after"), 1.5, r"train\.srmil\.train\.select_after"),
+        (("train", "srmil", "train", "epoch"), 3, r"train\.srmil\.train: unknown key"),
+        (("classes",), ["tumour"], r"classes: \['tumour'\] is not valid: needs at least 2"),
+        (("classes",), "tumour", r"classes: 'tumour' is not valid: expected"),
+        (("mpp_fallback",), -0.5, r"mpp_fallback: -0\.5 is not valid: must be > 0"),
+        (("features", "batch_size"), 0, r"features\.batch_size: 0 is not valid: must be >= 1"),
+        (("features", "num_workers"), "many", r"features\.num_workers: 'many' is not valid"),
+        (
+            ("tile", "min_tissue_fraction"),
+            2,
+            r"tile\.min_tissue_fraction: 2 is not valid: must be <= 1",
+        ),
+        (("segment", "threshold"), 300, r"segment\.threshold: 300 is not valid"),
+        (("evaluate", "ci_level"), 1.5, r"evaluate\.ci_level: 1\.5 is not valid: must be < 1"),
+        (("cv", "val_fraction"), "0.2", r"cv\.val_fraction: '0\.2' is not valid: expected number"),
+    ],
+)
+def test_nested_bad_values_name_the_key(path, value, expected) -> None:
+    config = copy.deepcopy(DEFAULT)
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=expected) as err:
+        validate_config(config, SCHEMA)
+    assert "\n" not in str(err.value)
+
+
+def test_classes_list_is_valid() -> None:
+    validate_config({**copy.deepcopy(DEFAULT), "classes": ["normal", "tumour"]}, SCHEMA)
+
+
+def test_schema_lists_every_training_setting() -> None:
+    """The schema checks train.<model>.train at parse time; it must know TrainConfig's keys."""
+    from dataclasses import fields
+
+    from srmil.train import TrainConfig
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    listed = schema["definitions"]["model_section"]["properties"]["train"]["properties"]
+    assert set(listed) == {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.parametrize(
+    ("model", "model_params", "train_params", "expected"),
+    [
+        (
+            "srmil",
+            {"heads": "four"},
+            {},
+            r"train\.srmil\.model\.heads: 'four' is not valid: expected integer",
+        ),
+        ("srmil", {"residual": 1}, {}, r"train\.srmil\.model\.residual: 1 .*expected boolean"),
+        ("srmil", {"pooling": "max"}, {}, r"train\.srmil\.model: pooling must be one of"),
+        ("abmil", {"heads": 4}, {}, r"train\.abmil\.model: unknown hyper-parameter 'heads'"),
+        ("abmil", {"dropout": 1.5}, {}, r"train\.abmil\.model: dropout must be in \[0, 1\)"),
+        (
+            "abmil",
+            {},
+            {"lr": "fast"},
+            r"train\.abmil\.train\.lr: 'fast' is not valid: expected number",
+        ),
+        ("srmil", {}, {"epochs": 0}, r"train\.srmil\.train: epochs=0: must be a positive integer"),
+    ],
+)
+def test_model_settings_name_the_key(model, model_params, train_params, expected) -> None:
+    """Model hyper-parameters are checked when `srmil train` starts, before any bag is read."""
+    from srmil.config import check_model_settings
+
+    with pytest.raises(ConfigError, match=expected) as err:
+        check_model_settings(model, model_params, train_params)
+    assert "\n" not in str(err.value)
+    check_model_settings(model, {}, {})  # the defaults pass

@@ -1,0 +1,127 @@
+"""Prediction with the fold ensemble: it reproduces the evaluate stage's probabilities, works
+without labels, and refuses features from another extractor. (The whole chain from slide files,
+through Snakemake and `srmil predict`, runs in test_workflow.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from srmil.cli import main
+from srmil.data import make_splits
+from srmil.evaluate import evaluate_model
+from srmil.graph import grid_edges
+from srmil.predict import PredictError, check_store, predict_slides, prepare_slides
+from srmil.store import read_json, write_feature_store, write_graph_store
+from srmil.train import train_fold
+
+STRIDE = 224
+ATTRS = {"extractor": "toy", "backbone": {"model": "toy"}, "weights_hash": "ab" * 32,
+         "mpp": 0.5, "patch_px": 224, "stride_px": 224, "patch_level0": 224.0}
+
+
+def write_cohort(root: Path, n_patients: int = 8, attrs: dict | None = None,
+                 seed: int = 0) -> tuple[pd.DataFrame, Path, Path]:
+    """Stores of a learnable toy task (class 1: a shifted cluster of patches) with `attrs`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        slide_id, label = f"s{p:02d}", p % 2
+        n = int(rng.integers(15, 30))
+        cells = rng.choice(64, size=n, replace=False)
+        coords = np.stack([cells % 8, cells // 8], axis=1) * STRIDE
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        if label:
+            x[:6, :4] += 3.0
+        write_feature_store(root / "features" / f"{slide_id}.zarr", x, coords, attrs or ATTRS,
+                            dtype="float32")
+        write_graph_store(root / "graphs" / f"{slide_id}.zarr",
+                          grid_edges(coords, STRIDE, window=1), {"window": 1})
+        rows.append({"slide_id": slide_id, "path": "", "patient_id": f"P{p:02d}",
+                     "label": f"class{label}", "annotation": "", "mpp": float("nan")})
+    return pd.DataFrame(rows), root / "features", root / "graphs"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    samples, features_dir, graphs_dir = write_cohort(root)
+    splits = make_splits(samples, n_folds=2, val_fraction=0.0, seed=0)
+    models_dir = root / "models"
+    for k in range(2):
+        train_fold("abmil", splits, k, samples, features_dir, graphs_dir,
+                   models_dir / f"fold_{k}.pt", model_hparams={"hidden_dim": 16, "attn_dim": 8},
+                   train_hparams={"epochs": 3}, device="cpu", threads=1)
+    evaluate_model("abmil", models_dir, splits, samples, features_dir, graphs_dir,
+                   root / "eval", device="cpu", threads=1, n_bootstrap=0)
+    return root, samples, splits, models_dir
+
+
+def test_predict_reproduces_evaluate_and_averages_the_folds(trained, tmp_path):
+    root, samples, _, models_dir = trained
+    table = predict_slides(samples, models_dir, root / "features", root / "graphs", tmp_path,
+                           extractor="toy", device="cpu", threads=1)
+    assert table.equals(pd.read_csv(tmp_path / "predictions.csv"))
+    evaluated = pd.read_csv(root / "eval" / "predictions.csv").set_index("slide_id")
+    table = table.set_index("slide_id")
+    for slide_id, row in evaluated.iterrows():
+        # The fold model that held the slide out gives the evaluate stage's probability.
+        assert table.at[slide_id, f"prob_class1_fold{row['fold']}"] == pytest.approx(
+            row["prob_class1"], abs=1e-6)
+    for c in ("class0", "class1"):
+        folds = table[[f"prob_{c}_fold0", f"prob_{c}_fold1"]].to_numpy()
+        assert table[f"prob_{c}"].to_numpy() == pytest.approx(folds.mean(axis=1))
+    assert (table["n_models"] == 2).all()
+    assert list(table["prediction"]) == [
+        "class1" if p > 0.5 else "class0" for p in table["prob_class1"]]
+    assert list(table["label"]) == list(samples["label"])
+
+
+def test_predict_without_labels(trained, tmp_path):
+    root, samples, _, models_dir = trained
+    unlabelled = samples.assign(label="")
+    table = predict_slides(unlabelled, models_dir, root / "features", root / "graphs",
+                           tmp_path, device="cpu")
+    assert "label" not in table.columns and len(table) == len(samples)
+
+
+def test_predict_refuses_another_extractor(trained, tmp_path):
+    root, samples, _, models_dir = trained
+    with pytest.raises(PredictError, match="trained on features from extractor 'toy', not 'uni'"):
+        predict_slides(samples, models_dir, root / "features", root / "graphs", tmp_path,
+                       extractor="uni")
+    # Stores of the right name but other weights, or another patch size, are refused too.
+    other, _, _ = write_cohort(tmp_path / "other", n_patients=2,
+                               attrs={**ATTRS, "weights_hash": "cd" * 32})
+    with pytest.raises(PredictError, match=r"s00\.zarr: features from extractor 'toy' \(weights "
+                                           r"cdcdcdcdcdcd\).*\(weights abababababab\)"):
+        predict_slides(other, models_dir, tmp_path / "other" / "features",
+                       tmp_path / "other" / "graphs", tmp_path / "out")
+    meta = read_json(models_dir / "fold_0.json")
+    with pytest.raises(PredictError, match="patch_px=256"):
+        check_store(meta, {**ATTRS, "patch_px": 256}, "x.zarr", models_dir)
+
+
+def test_prepare_refuses_a_backbone_with_other_weights(trained, cohort, tmp_path):
+    _, _, _, models_dir = trained
+    meta = read_json(models_dir / "fold_0.json")
+    settings = {"backbones": {"toy": {"model": "resnet18", "pretrained": False}}}
+    with pytest.raises(PredictError, match="use the backbone the model was trained on"):
+        prepare_slides(cohort, meta, tmp_path / "work", settings, models_dir=models_dir)
+    assert not (tmp_path / "work").exists()  # refused before any slide was read
+
+
+def test_cli_refuses_another_extractor_in_one_line(trained, tmp_path, capsys):
+    root, samples, _, models_dir = trained
+    sheet = tmp_path / "new.csv"
+    samples.drop(columns=["label"]).assign(path="missing.svs").to_csv(sheet, index=False)
+    code = main(["predict", "--samples", str(sheet), "--models-dir", str(models_dir),
+                 "--out-dir", str(tmp_path / "out"), "--extractor", "uni",
+                 "--features-dir", str(root / "features"), "--graphs-dir", str(root / "graphs"),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err
+    assert err.startswith("srmil predict: error:") and "'toy', not 'uni'" in err

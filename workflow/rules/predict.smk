@@ -1,0 +1,120 @@
+# The cohort's stage rules, applied to the new slides under results/predict/.
+use rule segment_slide as predict_segment_slide with:
+    input:
+        slide=predict_slide_path,
+        annotation=predict_slide_annotation,
+    output:
+        geojson="results/predict/segment/{slide}.geojson",
+        qc="results/predict/segment/{slide}.qc.png",
+    log:
+        "logs/predict/segment/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/segment/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_SLIDE,
+    params:
+        mpp=predict_slide_mpp,
+        params=lambda wc: as_json(
+            {**config["segment"], **segment_overrides(PREDICT_SAMPLES.loc[wc.slide])}
+        ),
+
+
+use rule tile_slide as predict_tile_slide with:
+    input:
+        slide=predict_slide_path,
+        tissue="results/predict/segment/{slide}.geojson",
+        seg_qc="results/predict/segment/{slide}.qc.png",
+    output:
+        tiles="results/predict/tiles/{slide}.json",
+        qc="results/predict/tiles/{slide}.qc.png",
+    log:
+        "logs/predict/tile/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/tile/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_SLIDE,
+    params:
+        mpp=predict_slide_mpp,
+
+
+use rule extract_features as predict_extract_features with:
+    input:
+        slide=predict_slide_path,
+        tiles="results/predict/tiles/{slide}.json",
+    output:
+        directory("results/predict/features/{extractor}/{slide}.zarr"),
+    log:
+        "logs/predict/features/{extractor}/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/features/{extractor}/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_SLIDE,
+
+
+use rule build_graph as predict_build_graph with:
+    input:
+        "results/predict/tiles/{slide}.json",
+    output:
+        directory("results/predict/graphs/{slide}.zarr"),
+    log:
+        "logs/predict/graph/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/graph/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_SLIDE,
+
+
+rule predict_model:
+    input:
+        samples=PREDICT["samples"] or [],
+        models=expand(
+            "results/models/{{model}}/{{extractor}}/fold_{fold}.pt", fold=FOLDS
+        ),
+        features=predict_stores("results/predict/features/{extractor}/{slide}.zarr"),
+        graphs=predict_stores("results/predict/graphs/{slide}.zarr"),
+        tiles=predict_stores("results/predict/tiles/{slide}.json"),
+        slides=list(PREDICT_SAMPLES["path"]),
+    output:
+        predictions="results/predict/{model}/{extractor}/predictions.csv",
+        heatmaps=report(
+            directory("results/predict/{model}/{extractor}/heatmaps"),
+            patterns=["{slide}.png"],
+            caption="../report/predict_heatmap.rst",
+            category="Prediction on new slides",
+            subcategory="{model} / {extractor}",
+        ),
+    log:
+        "logs/predict/{model}/{extractor}.log",
+    benchmark:
+        "results/benchmarks/predict/{model}/{extractor}.tsv"
+    conda:
+        "../../envs/srmil.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+    params:
+        models_dir=lambda wildcards, input: os.path.dirname(input.models[0]),
+        features_dir=lambda wildcards, input: stores_dir(input.features),
+        graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
+        tiles_dir=lambda wildcards, input: stores_dir(input.tiles),
+        out_dir=lambda wildcards, output: os.path.dirname(output.predictions),
+        top_patches=config.get("evaluate", {}).get("top_patches", 8),
+        heatmap_px=config.get("evaluate", {}).get("heatmap_px", 1024),
+        device=config["train"]["device"],
+    shell:
+        "srmil predict --samples {input.samples:q} --models-dir {params.models_dir}"
+        " --extractor {wildcards.extractor} --features-dir {params.features_dir}"
+        " --graphs-dir {params.graphs_dir} --tiles-dir {params.tiles_dir}"
+        " --top-patches {params.top_patches} --heatmap-px {params.heatmap_px}"
+        " --device {params.device} --threads {threads} --out-dir {params.out_dir}"
+        " > {log} 2>&1"
+
+
+rule predict:
+    input:
+        predict_target,
+
+
+localrules:
+    predict,
