@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import cv2
 import numpy as np
 import timm
 import torch
@@ -124,18 +125,17 @@ class ChunkDataset(Dataset):
         off = np.rint((xy - (x0, y0)) / self.ds).astype(np.int64)
         w, h = off.max(0) + self.read_px
         # A damaged or truncated file fails here: a one-line SlideError naming it.
-        region = np.asarray(
-            read_region(
-                self._slide, (int(x0), int(y0)), self.level, (int(w), int(h)), self.slide_path
-            )
-        )
+        location, size = (int(x0), int(y0)), (int(w), int(h))
+        region = np.asarray(read_region(self._slide, location, self.level, size, self.slide_path))
+        # Opaque, the usual case, needs no compositing (alpha is the top byte of each pixel).
+        opaque = bool((region.view(np.uint32) >= 0xFF000000).all())
         for j, (ox, oy) in zip(rows, off, strict=True):
             crop = region[oy : oy + self.read_px, ox : ox + self.read_px]
-            # Opaque (the usual case) needs no compositing; transparent areas become white.
-            rgb = crop[..., :3] if crop[..., 3].min() == 255 else to_rgb(crop)
+            if self.read_px == self.patch_px and opaque:
+                cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB, dst=out[j])  # 50x a numpy slice copy
+                continue
+            rgb = cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB) if opaque else to_rgb(crop)
             if self.read_px != self.patch_px:  # the level is finer than the target: shrink
-                import cv2
-
                 rgb = cv2.resize(rgb, (self.patch_px, self.patch_px), interpolation=cv2.INTER_AREA)
             out[j] = rgb
 
@@ -182,9 +182,12 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 
 class Readers:
-    """Chunks in order, read ahead of the consumer by worker processes (each opens the slide
-    once) or by one thread; reading starts on construction, so it overlaps model set-up, and
-    worker processes are forked before the model initialises CUDA in this process."""
+    """Chunks in order, read ahead of the consumer (`prefetch` chunks per reader) by worker
+    processes (each opens the slide once) or by one thread. Reading starts on construction:
+    it overlaps model set-up, and worker processes are forked before the model initialises
+    CUDA in this process. (Reading on all threads between forward passes instead, on a CPU
+    the forward keeps busy, measured no better: 0.959 vs 0.961 of forward speed, resnet18.)
+    """
 
     def __init__(
         self, dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
@@ -204,9 +207,14 @@ class Readers:
         # One reader thread: OpenSlide decodes with the GIL released, beside torch's threads.
         self._dataset, self._pin = dataset, pin_memory
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="srmil-read")
-        first = range(min(prefetch, len(dataset)))
-        self._ahead = collections.deque(self._pool.submit(dataset.__getitem__, i) for i in first)
-        self._next = len(self._ahead)
+        self._ahead: collections.deque = collections.deque()
+        self._next = 0
+        self._submit(prefetch)
+
+    def _submit(self, n: int) -> None:
+        for _ in range(min(n, len(self._dataset) - self._next)):
+            self._ahead.append(self._pool.submit(self._dataset.__getitem__, self._next))
+            self._next += 1
 
     def __iter__(self) -> Readers:
         return self
@@ -217,9 +225,7 @@ class Readers:
         if not self._ahead:
             raise StopIteration
         x, idx = self._ahead.popleft().result()
-        if self._next < len(self._dataset):
-            self._ahead.append(self._pool.submit(self._dataset.__getitem__, self._next))
-            self._next += 1
+        self._submit(1)
         return (x.pin_memory(), idx) if self._pin else (x, idx)
 
     def close(self) -> None:
@@ -278,7 +284,7 @@ def extract_features(
     # first batch waits for fewer reads).
     chunk = READ_CHUNK if workers else THREAD_CHUNK
     dataset = ChunkDataset(str(slide_path), coords, plan, split_chunks(batches, chunk), read_block)
-    prefetch = 4 if workers else 2 * -(-batch_size // chunk)
+    prefetch = 4 if workers else 2 * -(-batch_size // chunk)  # the thread: two batches
     readers = Readers(dataset, workers, pin_memory=dev.type == "cuda", prefetch=prefetch)
     try:
         autocast = amp_dtype(dev, amp)  # may initialise CUDA: after the readers are forked

@@ -16,6 +16,7 @@ from srmil import store
 from srmil.backbones import BackboneError, load_backbone
 from srmil.features import ChunkDataset, extract_features, plan_batches, split_chunks
 from srmil.segment import segment_slide
+from srmil.slide import open_slide, to_rgb
 from srmil.tiling import tile_slide
 
 SPEC = {"model": "resnet18", "pretrained": False}
@@ -132,6 +133,22 @@ def test_block_reads_equal_single_reads(tiles: tuple[str, Path]) -> None:
         pixels[block], reads[block] = rows, data.n_reads()
     assert np.array_equal(pixels[1], pixels[3])
     assert reads[1] == len(coords) and reads[3] < reads[1]
+
+
+def test_patches_equal_openslide_reads_with_transparent_edges(tiles: tuple[str, Path]) -> None:
+    """The fast RGBA->RGB path equals OpenSlide + to_rgb; beyond the slide's edge is white."""
+    slide, tiles_json = tiles
+    coords, _, plan = store.read_tiles(tiles_json)
+    edge = [[plan["slide_width"] - 100, 0]]  # 124 px of the patch lie outside the slide
+    coords = np.concatenate([coords[:5], np.asarray(edge, np.int64)])
+    data = ChunkDataset(slide, coords, plan, split_chunks(plan_batches(coords, plan, 8, 1)))
+    x, idx = data[0]
+    handle = open_slide(slide)
+    for row, i in zip(x.numpy(), idx.numpy(), strict=True):
+        size = (plan["read_px"], plan["read_px"])
+        expected = to_rgb(handle.read_region(tuple(int(v) for v in coords[i]), 0, size))
+        assert np.array_equal(row, expected)
+    assert (x[idx.numpy().tolist().index(5), :, -124:] == 255).all()
 
 
 def test_interrupted_store_is_never_complete(tmp_path: Path) -> None:
