@@ -29,6 +29,7 @@ include: "workflow/rules/graph.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/ablation.smk"
+include: "workflow/rules/study.smk"
 include: "workflow/rules/predict.smk"
 
 

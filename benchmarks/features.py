@@ -240,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark with these command-line arguments; return what --json writes."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,10 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     for r in results:
         print(f"{r['model']}: pipeline/forward = {r['ratio_median']:.3f}")
+    result = {"environment": env, "results": results}
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+        args.json.write_text(json.dumps(result, indent=2))
     if args.markdown:
         args.markdown.write_text(text)
+    return result
 
 
 if __name__ == "__main__":

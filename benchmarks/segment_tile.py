@@ -9,7 +9,8 @@ holes each keeps. CLAM comes from its public source (mahmoodlab/CLAM) in its own
     CLAM_DIR=/path/to/CLAM CLAM_PYTHON=/path/to/clam-venv/bin/python \\
         python benchmarks/segment_tile.py
 
-Without CLAM_DIR (or --clam-dir) only our side runs. Slides are generated once into --work.
+Without CLAM_DIR (or --clam-dir) only our side runs. Slides are generated once into --work
+(reused by name: use another --work after changing --large); `--slides demo biopsy` runs a subset.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def cohort(large: tuple[int, int] | None) -> dict[str, dict]:
     return specs
 
 
-def generate(work: Path, specs: dict[str, dict]) -> None:
+def generate(work: Path, specs: dict[str, dict], only: set[str] | None = None) -> None:
     for index, (name, spec) in enumerate(specs.items()):
         mask = work / "masks" / f"{name}.tissue.png"
-        if mask.exists():
+        # `only` skips slides but keeps each one's index (its label and seed) as in the cohort
+        if mask.exists() or (only is not None and name not in only):
             continue
         row = {
             "slide_id": name,
@@ -217,7 +219,8 @@ def scores(truth: np.ndarray, found: np.ndarray, mpp: float) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark with these command-line arguments; return the rows and the totals."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/srmil-bench-segment"))
     parser.add_argument("--clam-dir", type=Path, default=os.environ.get("CLAM_DIR"))
@@ -225,10 +228,19 @@ def main() -> None:
     parser.add_argument(
         "--large", default="32768x24576", help="size of the large slide at 0.25 µm/px, or 'none'"
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--slides", nargs="+", default=None, help="a subset of the cohort's slides, by name"
+    )
+    args = parser.parse_args(argv)
     large = None if args.large == "none" else tuple(int(v) for v in args.large.split("x"))
     specs = cohort(large)
-    generate(args.work, specs)
+    if args.slides:
+        unknown = sorted(set(args.slides) - set(specs))
+        if unknown:
+            parser.error(f"unknown slides {unknown}; the cohort has {sorted(specs)}")
+    generate(args.work, specs, set(args.slides) if args.slides else None)
+    if args.slides:
+        specs = {name: spec for name, spec in specs.items() if name in args.slides}
     use_clam = args.clam_dir is not None and (args.clam_dir / "create_patches_fp.py").is_file()
     if not use_clam:
         print(
@@ -277,19 +289,27 @@ def main() -> None:
                     f"{r['rss_mib']:>8} {r['iou']:>6.3f} {r['recall']:>7.3f} "
                     f"{r['false_tissue']:>6.3f} {r['holes']:>6}"
                 )
+    totals = {
+        "srmil_seconds": sum(r["srmil"]["seconds"] for r in rows),
+        "srmil_rss_mib": max(r["srmil"]["rss_mib"] for r in rows),
+        "srmil_mean_iou": float(np.mean([r["srmil"]["iou"] for r in rows])),
+    }
     if use_clam:
-        ours_s = sum(r["srmil"]["seconds"] for r in rows)
-        clam_s = sum(r["clam"]["seconds"] for r in rows)
+        ours_s = totals["srmil_seconds"]
+        clam_s = totals["clam_seconds"] = sum(r["clam"]["seconds"] for r in rows)
+        totals["clam_rss_mib"] = max(r["clam"]["rss_mib"] for r in rows)
+        totals["clam_mean_iou"] = float(np.mean([r["clam"]["iou"] for r in rows]))
+        totals["time_ratio"] = ours_s / clam_s
         print(
             f"\ntime ratio srmil/CLAM over all slides: {ours_s / clam_s:.2f} "
             f"({ours_s:.1f} s vs {clam_s:.1f} s)"
         )
         print(
             "mean IoU: srmil {:.3f}, CLAM {:.3f}".format(
-                np.mean([r["srmil"]["iou"] for r in rows]),
-                np.mean([r["clam"]["iou"] for r in rows]),
+                totals["srmil_mean_iou"], totals["clam_mean_iou"]
             )
         )
+    return {"rows": rows, "clam": use_clam, **totals}
 
 
 if __name__ == "__main__":

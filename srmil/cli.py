@@ -41,6 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         width_px=args.width,
         height_px=args.height,
         mpp=args.mpp,
+        prefix=args.prefix,
+        tumour_fraction=tuple(args.tumour_fraction),
     )
     print(sheet)
 
@@ -201,6 +203,14 @@ def cmd_ablation(args: argparse.Namespace) -> None:
     summarise_ablation(args.metrics, args.mask_ratios, args.out_csv, args.out_png)
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    from srmil.study import parse_run, summarise_study
+
+    runs = [parse_run(*run) for run in args.run]
+    summarise_study(runs, args.out_dir, main_ratio=args.main_ratio)
+    print((args.out_dir / "summary.md").read_text(encoding="utf-8"), end="")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     from srmil import predict
@@ -264,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=4096, help="level-0 width in px")
     p.add_argument("--height", type=int, default=3072, help="level-0 height in px")
     p.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px")
+    p.add_argument("--prefix", default="demo", help="slide ids are PREFIX_000, PREFIX_001, ...")
+    p.add_argument("--tumour-fraction", type=float, nargs=2, default=[0.02, 0.05],
+                   metavar=("LOW", "HIGH"),
+                   help="range of each positive slide's tumour share of its tissue")
     p.set_defaults(func=cmd_demo)
 
     def slide_args(p: argparse.ArgumentParser) -> None:
@@ -393,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-png", required=True)
     p.set_defaults(func=cmd_ablation)
+
+    p = sub.add_parser("study", help="summarise the accuracy study: seeds, attention, mask ratio")
+    p.add_argument("--run", nargs=4, action="append", required=True,
+                   metavar=("MODEL", "MASK_RATIO", "SEED", "EVAL_DIR"),
+                   help="one evaluated run (MASK_RATIO '-' for models without masking)")
+    p.add_argument("--main-ratio", type=float, default=None,
+                   help="SRMIL's configured mask ratio (its main model)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("predict", help="fold-ensemble predictions and heatmaps for new slides")
     p.add_argument("--samples", required=True, help="sample sheet; labels optional")

@@ -134,9 +134,11 @@ class SlideGeometry:
 # --- the cohort plan: cheap, no pixels --------------------------------------------------------
 
 
-def planned_sheet(out_dir: str | Path, n_slides: int = 24, seed: int = 0) -> list[dict[str, str]]:
+def planned_sheet(out_dir: str | Path, n_slides: int = 24, seed: int = 0,
+                  prefix: str = "demo") -> list[dict[str, str]]:
     """Rows of samples.csv (slide_id, path, patient_id, label, annotation) without writing anything;
-    cheap (no image generation), used by the Snakefile at parse time."""
+    cheap (no image generation), used by the Snakefile at parse time. Slide ids are
+    `{prefix}_000`, ...: two cohorts with different prefixes share one results folder."""
     del out_dir  # paths are relative to the sheet's folder; kept for the callers' symmetry
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
@@ -145,7 +147,7 @@ def planned_sheet(out_dir: str | Path, n_slides: int = 24, seed: int = 0) -> lis
     patient_of = _patients(rng, labels)
     rows = []
     for i in range(n_slides):
-        slide_id = f"demo_{i:03d}"
+        slide_id = f"{prefix}_{i:03d}"
         suffix = ".svs" if i % 2 == 0 else ".tif"
         rows.append({
             "slide_id": slide_id,
@@ -982,7 +984,7 @@ def mask_at_downsample(mask: np.ndarray, downsample: int = MASK_DOWNSAMPLE) -> n
 def write_slide(out_dir: Path, row: dict[str, str], index: int, seed: int, width_px: int,
                 height_px: int, mpp: float, tissue_shape: TissueShape = TissueShape(),
                 artifacts: Artifacts = Artifacts(), file_mpp: bool = True,
-                banded: bool | None = None) -> None:
+                banded: bool | None = None, tumour_shape: TumourShape = TumourShape()) -> None:
     """Generate one slide and its masks (and annotation, for positives) under out_dir.
 
     `masks/{slide_id}.tissue.png` is the tissue not covered by pen ink or a black border.
@@ -998,13 +1000,14 @@ def write_slide(out_dir: Path, row: dict[str, str], index: int, seed: int, width
         if width_px % MASK_DOWNSAMPLE or height_px % MASK_DOWNSAMPLE:
             raise ValueError(f"banded slides need width and height divisible by "
                              f"{MASK_DOWNSAMPLE}, got {width_px} x {height_px}")
-        fields = slide_fields(rng, width_px, height_px, mpp, positive, tissue_shape)
+        fields = slide_fields(rng, width_px, height_px, mpp, positive, tissue_shape, tumour_shape)
         strokes, border = plan_artifacts(art_rng, fields.pieces, width_px, height_px, mpp,
                                          artifacts)
         level0 = BandedSlide(seed, index, fields, mpp, rng, strokes, border)
         levels: list[Level] = [level0]
     else:
-        geometry = slide_geometry(rng, width_px, height_px, mpp, positive, tissue_shape)
+        geometry = slide_geometry(rng, width_px, height_px, mpp, positive, tissue_shape,
+                                  tumour_shape)
         rgb = render_rgb(rng, geometry, mpp)
         tissue = geometry.tissue
         if artifacts.any():
@@ -1029,13 +1032,21 @@ def write_slide(out_dir: Path, row: dict[str, str], index: int, seed: int, width
 
 
 def write_demo(out_dir: str | Path, n_slides: int = 24, seed: int = 0, width_px: int = 4096,
-               height_px: int = 3072, mpp: float = 0.5, progress: bool = True) -> Path:
-    """Generate the cohort; return the path of samples.csv."""
+               height_px: int = 3072, mpp: float = 0.5, progress: bool = True,
+               prefix: str = "demo",
+               tumour_fraction: tuple[float, float] = TumourShape.fraction) -> Path:
+    """Generate the cohort; return the path of samples.csv. `tumour_fraction`: the range of
+    each positive slide's tumour share of its tissue (drawn uniformly)."""
+    low, high = tumour_fraction
+    if not 0 < low <= high < 1:
+        raise ValueError(f"tumour_fraction must satisfy 0 < low <= high < 1, got {low}, {high}")
     out_dir = Path(out_dir)
-    rows = planned_sheet(out_dir, n_slides, seed)
+    rows = planned_sheet(out_dir, n_slides, seed, prefix)
+    tumour_shape = TumourShape(fraction=(float(low), float(high)))
     for index, row in enumerate(tqdm(rows, desc="demo slides", unit="slide",
                                      disable=not progress)):
-        write_slide(out_dir, row, index, seed, width_px, height_px, mpp)
+        write_slide(out_dir, row, index, seed, width_px, height_px, mpp,
+                    tumour_shape=tumour_shape)
     # The sheet goes last: its presence means the cohort is complete.
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SHEET_COLUMNS, lineterminator="\n")

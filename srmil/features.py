@@ -154,7 +154,16 @@ def resolve_workers(num_workers: int | str, device: torch.device) -> int:
     processes would compete with it for the cores); on a GPU, enough readers to feed it."""
     if num_workers != "auto":
         return int(num_workers)
-    return 0 if device.type == "cpu" else min(16, max(1, (os.cpu_count() or 2) - 1))
+    return 0 if device.type == "cpu" else min(16, max(1, usable_cpus() - 1))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: a SLURM job or a container bound to fewer cores than the
+    node has sees only its own (os.cpu_count() counts the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def preprocess(batch_uint8: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:

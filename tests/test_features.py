@@ -2,6 +2,7 @@
 naming a backbone: timm name, hf-hub repo in an offline cache, local checkpoint, preset."""
 
 import json
+import os
 from pathlib import Path
 
 import fsspec
@@ -14,7 +15,14 @@ import zarr
 
 from srmil import store
 from srmil.backbones import BackboneError, load_backbone
-from srmil.features import ChunkDataset, extract_features, plan_batches, split_chunks
+from srmil.features import (
+    ChunkDataset,
+    extract_features,
+    plan_batches,
+    resolve_workers,
+    split_chunks,
+    usable_cpus,
+)
 from srmil.segment import segment_slide
 from srmil.slide import open_slide, to_rgb
 from srmil.tiling import tile_slide
@@ -273,3 +281,12 @@ def test_cli_writes_a_store(tiles: tuple[str, Path], tmp_path: Path) -> None:
     argv += [str(tmp_path / "c.zarr"), "--extractor", "r18", "--backbone", spec, "--no-progress"]
     assert main(argv) == 0
     assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["srmil_complete"]
+
+
+def test_auto_readers_follow_the_cpus_this_process_may_use() -> None:
+    """A SLURM job bound to k cores gets k - 1 readers on a GPU, not the node's count."""
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert resolve_workers(3, torch.device("cuda")) == 3
+    expected = min(16, max(1, len(os.sched_getaffinity(0)) - 1))
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert resolve_workers("auto", torch.device("cuda")) == expected

@@ -202,6 +202,33 @@ def test_ablation_target_sweeps_the_mask_ratio(run: Path) -> None:
 
 
 @pytest.mark.slow
+def test_study_target_summarises_seeds_attention_and_mask_ratio(run: Path) -> None:
+    # A config file merged over config.yaml, as workflow/studies/hard-demo.yaml is used.
+    (run / "study.yaml").write_text("study: {seeds: [0, 1], mask_ratio_seeds: [1]}\n")
+    snakemake(run, "study", "--configfile", str(run / "study.yaml"))
+    out = run / "results/study/resnet18"
+    runs = pd.read_csv(out / "runs.csv")
+    # Per seed: SRMIL (main ratio 0.7) and ABMIL; for the curve's seed 1 also SRMIL at the
+    # ablation's other ratio, 0.5.
+    assert sorted(runs["seed"]) == [0, 0, 1, 1, 1]
+    assert sorted(runs["mask_ratio"].fillna(-1)) == [-1, -1, 0.5, 0.7, 0.7]
+    assert runs[["auc", "accuracy", "test_max_attention_median"]].notna().all().all()
+    assert runs["test_max_attention_median"].between(0, 1, inclusive="right").all()
+    # Seed 0 on its own folds is the main workflow's seed: the same models, the same metrics.
+    main = json.loads((run / "results/eval/srmil/resnet18/metrics.json").read_text())
+    seed0 = runs[(runs["model"] == "srmil") & (runs["mask_ratio"] == 0.7) & (runs["seed"] == 0)]
+    assert seed0["auc"].item() == pytest.approx(main["pooled"]["auc"])
+    assert (run / "results/study/seed_0/splits.json").read_bytes() == (
+        run / "results/splits.json"
+    ).read_bytes()
+    summary = (out / "summary.md").read_text()
+    for line in ("| abmil |", "| srmil |", "SRMIL - ABMIL, paired by seed", "| 0.5 |",
+                 "| 0.7 |", "mask ratio (seeds 1)"):
+        assert line in summary, line
+    assert_png(out / "study.png")
+
+
+@pytest.mark.slow
 def test_report_renders_with_the_plots(run: Path) -> None:
     if not (run / "results/ablation/srmil/resnet18/mask_ratio.csv").exists():
         snakemake(run, "ablation")  # when this test runs alone

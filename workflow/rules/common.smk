@@ -20,7 +20,10 @@ def load_samples():
     """The sample sheet; for the demo before it exists, the sheet the demo rule will write."""
     if IS_DEMO and not DEMO_SHEET.exists():
         rows = planned_sheet(
-            config["demo"]["out_dir"], config["demo"]["n_slides"], config["seed"]
+            config["demo"]["out_dir"],
+            config["demo"]["n_slides"],
+            config["seed"],
+            config["demo"].get("prefix", "demo"),
         )
         sheet = pd.DataFrame(rows)
         sheet["path"] = [str(DEMO_SHEET.parent.resolve() / p) for p in sheet["path"]]
@@ -153,14 +156,19 @@ def ablation_model_params(wildcards):
     return as_json({**base, "mask_ratio": float(wildcards.ratio)})
 
 
-def ablation_metrics(wildcards):
-    """Metrics of SRMIL at each mask ratio; the ratio of train.srmil is the main SRMIL model's
-    (same folds, seed and settings), so it is evaluated once, not trained twice."""
-    # Imported here: torch is loaded only when the ablation is requested.
+def srmil_mask_ratio():
+    """The mask ratio of the main SRMIL model (train.srmil, else the model's default)."""
+    # Imported here: torch is loaded only when the ablation or the study is requested.
     from srmil.models import default_hparams
 
     model = (config["train"].get("srmil") or {}).get("model") or {}
-    main_ratio = float(model.get("mask_ratio", default_hparams("srmil")["mask_ratio"]))
+    return float(model.get("mask_ratio", default_hparams("srmil")["mask_ratio"]))
+
+
+def ablation_metrics(wildcards):
+    """Metrics of SRMIL at each mask ratio; the ratio of train.srmil is the main SRMIL model's
+    (same folds, seed and settings), so it is evaluated once, not trained twice."""
+    main_ratio = srmil_mask_ratio()
     return [
         (
             f"results/eval/srmil/{wildcards.extractor}/metrics.json"
@@ -169,6 +177,31 @@ def ablation_metrics(wildcards):
         )
         for r in MASK_RATIOS
     ]
+
+
+# The accuracy study (study.smk): seeds, and the runs its summary reads.
+STUDY = {"seeds": [0, 1, 2, 3, 4], "mask_ratio_seeds": None}
+STUDY.update(config.get("study") or {})
+STUDY_SEEDS = [int(s) for s in STUDY["seeds"]]
+# The mask-ratio curve costs a model per ratio and seed: it may use fewer seeds.
+CURVE_SEEDS = [int(s) for s in STUDY["mask_ratio_seeds"] or STUDY_SEEDS]
+STUDY_RUN = "results/study/{extractor}/seed_{seed}/{model}"
+
+
+def study_runs(wildcards):
+    """(model, mask ratio or "-", seed, eval folder) of every run the summary reads; SRMIL at
+    its configured ratio is the main SRMIL model of that seed, trained once."""
+    main_ratio = srmil_mask_ratio()
+    runs = []
+    for seed in STUDY_SEEDS:
+        run = f"results/study/{wildcards.extractor}/seed_{seed}"
+        for model in MODELS:
+            ratio = f"{main_ratio:g}" if model == "srmil" else "-"
+            runs.append((model, ratio, seed, f"{run}/{model}/eval"))
+        for ratio in MASK_RATIOS if seed in CURVE_SEEDS else []:
+            if not ("srmil" in MODELS and float(ratio) == main_ratio):
+                runs.append(("srmil", ratio, seed, f"{run}/srmil/mask_{ratio}/eval"))
+    return runs
 
 
 PREDICT = {"samples": None, "model": "srmil", "extractor": "resnet18"}

@@ -21,6 +21,11 @@ if IS_DEMO:
             height=config["demo"]["height_px"],
             mpp=config["demo"]["mpp"],
             seed=config["seed"],
+            prefix=config["demo"].get("prefix", "demo"),
+            tumour=" ".join(
+                str(f) for f in config["demo"].get("tumour_fraction", [0.02, 0.05])
+            ),
         shell:
             "srmil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
-            " --width {params.width} --height {params.height} --mpp {params.mpp} > {log} 2>&1"
+            " --width {params.width} --height {params.height} --mpp {params.mpp}"
+            " --prefix {params.prefix} --tumour-fraction {params.tumour} > {log} 2>&1"

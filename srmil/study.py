@@ -1,0 +1,187 @@
+"""Summarise the accuracy study (`snakemake study`): models trained with several seeds, each on
+its own patient-level folds. Gives the mean and spread over seeds of the pooled test AUC and
+accuracy, SRMIL's paired difference to ABMIL, each model's attention diagnostics (does attention
+collapse onto single patches, paper Fig. 3) and SRMIL's mask-ratio curve (paper Fig. 5)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from srmil.attention import HIGH_ATTENTION
+from srmil.errors import InputError
+from srmil.evaluate import _figure, _save
+from srmil.store import read_json, write_text
+
+SMALL_ATTENTION = 0.1  # the paper's SRMIL keeps most slides' largest weight below this
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model trained with one seed: its evaluation folder (metrics.json, predictions.csv)."""
+
+    model: str
+    mask_ratio: float | None  # SRMIL's ratio; None for models without masking
+    seed: int
+    eval_dir: Path
+
+
+def parse_run(model: str, ratio: str, seed: str, eval_dir: str) -> Run:
+    """A run from the CLI's `--run MODEL RATIO SEED EVAL_DIR` ("-" = no mask ratio)."""
+    return Run(model, None if ratio == "-" else float(ratio), int(seed), Path(eval_dir))
+
+
+def run_row(run: Run) -> dict[str, object]:
+    """One row of runs.csv: pooled test metrics, and the attention of the test slides (final
+    models) and of the training slides (last epoch, with the share of top-1 patches in tumour)."""
+    metrics_path = run.eval_dir / "metrics.json"
+    predictions_path = run.eval_dir / "predictions.csv"
+    for path in (metrics_path, predictions_path):
+        if not path.is_file():
+            raise InputError(f"{path}: not found; run `snakemake study` to evaluate this run")
+    metrics = read_json(metrics_path)
+    predictions = pd.read_csv(predictions_path)
+    att = predictions["attention_max"].to_numpy(dtype=float)
+    att = att[np.isfinite(att)]
+    row: dict[str, object] = {
+        "model": run.model, "mask_ratio": run.mask_ratio, "seed": run.seed,
+        "n_slides": metrics["n_slides"],
+        "auc": metrics["pooled"]["auc"], "accuracy": metrics["pooled"]["accuracy"],
+        "auc_fold_mean": metrics["mean"]["auc"],
+        "test_max_attention_median": float(np.median(att)) if att.size else None,
+        "test_share_max_ge_0.5": float(np.mean(att >= HIGH_ATTENTION)) if att.size else None,
+        "test_share_max_lt_0.1": float(np.mean(att < SMALL_ATTENTION)) if att.size else None,
+    }
+    last = metrics.get("attention_last_epoch") or {}
+    for key in ("max_weight_median", "share_high", "top1_positive", "top5_positive"):
+        values = [f[key] for f in last.values() if f.get(key) is not None]
+        row[f"train_{key}"] = float(np.mean(values)) if values else None
+    return row
+
+
+def _mean_sd(values: pd.Series) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return "n/a"
+    sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return f"{values.mean():.3f} ± {sd:.3f}"
+
+
+def _main_runs(table: pd.DataFrame, main_ratio: float | None) -> pd.DataFrame:
+    """The main model of each name: SRMIL at its configured ratio, other models as they are."""
+    return table[(table["model"] != "srmil") | (table["mask_ratio"] == main_ratio)]
+
+
+def curve_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """SRMIL's runs for the mask-ratio curve: only seeds trained at every ratio, so that each
+    point averages the same seeds (the curve may use fewer seeds than the comparison)."""
+    srmil = table[table["model"] == "srmil"].dropna(subset=["mask_ratio"])
+    n_ratios = srmil["mask_ratio"].nunique()
+    complete = srmil.groupby("seed")["mask_ratio"].nunique() == n_ratios
+    return srmil[srmil["seed"].isin(complete[complete].index)]
+
+
+def summary_markdown(table: pd.DataFrame, main: pd.DataFrame) -> str:
+    """Mean ± sd over seeds (sample sd) of each main model, the paired SRMIL - ABMIL
+    difference, and SRMIL's mask-ratio curve."""
+    n_seeds = main["seed"].nunique()
+    lines = [f"Seeds: {n_seeds} ({', '.join(str(s) for s in sorted(main['seed'].unique()))}); "
+             f"slides per run: {int(main['n_slides'].iloc[0])}. Mean ± sd over seeds; AUC and "
+             "accuracy pooled over each seed's test folds.", "",
+             "| model | AUC | accuracy | test slides: median max attention | share >= 0.5 | "
+             "share < 0.1 | training slides: top-1 patch in tumour |",
+             "|---|---|---|---|---|---|---|"]
+    for model, rows in main.groupby("model", sort=True):
+        lines.append(
+            f"| {model} | {_mean_sd(rows['auc'])} | {_mean_sd(rows['accuracy'])} | "
+            f"{_mean_sd(rows['test_max_attention_median'])} | "
+            f"{_mean_sd(rows['test_share_max_ge_0.5'])} | "
+            f"{_mean_sd(rows['test_share_max_lt_0.1'])} | "
+            f"{_mean_sd(rows['train_top1_positive'])} |")
+    models = set(main["model"])
+    if {"srmil", "abmil"} <= models:
+        paired = main.pivot_table(index="seed", columns="model", values=["auc", "accuracy"])
+        lines += ["", "SRMIL - ABMIL, paired by seed (same folds):", ""]
+        for name in ("auc", "accuracy"):
+            diff = (paired[(name, "srmil")] - paired[(name, "abmil")]).dropna()
+            wins = int((diff > 0).sum()), int((diff == 0).sum()), int((diff < 0).sum())
+            lines.append(f"- {name}: {_mean_sd(diff)} (better / equal / worse in "
+                         f"{wins[0]} / {wins[1]} / {wins[2]} seeds)")
+    ratios = curve_runs(table)
+    if ratios["mask_ratio"].nunique() > 1:
+        seeds = ", ".join(str(s) for s in sorted(ratios["seed"].unique()))
+        lines += ["", f"SRMIL against the mask ratio (seeds {seeds}):", "",
+                  "| mask ratio | AUC | accuracy | test slides: median max attention |",
+                  "|---|---|---|---|"]
+        for ratio, rows in ratios.groupby("mask_ratio", sort=True):
+            lines.append(f"| {ratio:g} | {_mean_sd(rows['auc'])} | "
+                         f"{_mean_sd(rows['accuracy'])} | "
+                         f"{_mean_sd(rows['test_max_attention_median'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(table: pd.DataFrame, main: pd.DataFrame, max_weights: dict[str, np.ndarray],
+               path: Path) -> None:
+    """(a) AUC per seed of each main model; (b) the test slides' largest attention weights,
+    pooled over seeds; (c) SRMIL's AUC against the mask ratio, mean ± sd over seeds."""
+    fig, axes = _figure(ncols=3, width=4.2, height=3.8)
+    ax_auc, ax_att, ax_ratio = axes[0]
+    models = sorted(main["model"].unique())
+    for i, model in enumerate(models):
+        rows = main[main["model"] == model].sort_values("seed")
+        auc = pd.to_numeric(rows["auc"], errors="coerce").to_numpy(dtype=float)
+        ax_auc.scatter(np.full(len(auc), i) + np.linspace(-0.1, 0.1, len(auc)), auc, s=18)
+        ax_auc.errorbar(i + 0.25, np.nanmean(auc), yerr=np.nanstd(auc, ddof=1) if len(auc) > 1
+                        else 0, fmt="k_", capsize=4)
+    ax_auc.set(xticks=range(len(models)), xticklabels=models, ylim=(0, 1.02), ylabel="AUC",
+               title="(a) test AUC per seed")
+    bins = np.logspace(-3, 0, 31)
+    for model in models:
+        weights = max_weights.get(model, np.zeros(0))
+        if weights.size:
+            ax_att.hist(np.clip(weights, bins[0], 1), bins=bins, histtype="step", lw=1.5,
+                        label=model)
+    ax_att.axvline(HIGH_ATTENTION, color="grey", ls="--", lw=0.8)
+    ax_att.axvline(SMALL_ATTENTION, color="grey", ls=":", lw=0.8)
+    ax_att.set(xscale="log", xlabel="largest attention weight of a slide", ylabel="slides",
+               title="(b) attention collapse (test slides)")
+    ax_att.legend(fontsize="small")
+    ratios = curve_runs(table)
+    if not ratios.empty:
+        grouped = ratios.groupby("mask_ratio")["auc"]
+        x = np.array(sorted(ratios["mask_ratio"].unique()), dtype=float)
+        mean = grouped.mean().reindex(x).to_numpy(dtype=float)
+        sd = grouped.std(ddof=1).reindex(x).fillna(0).to_numpy(dtype=float)
+        ax_ratio.errorbar(x, mean, yerr=sd, fmt="o-", capsize=3)
+    ax_ratio.set(xlabel="mask ratio", ylabel="AUC", ylim=(0, 1.02),
+                 title="(c) SRMIL AUC vs mask ratio")
+    _save(fig, path)
+
+
+def summarise_study(runs: Sequence[Run], out_dir: str | os.PathLike,
+                    main_ratio: float | None = None) -> pd.DataFrame:
+    """Write runs.csv, summary.md and study.png into `out_dir`; return the runs table.
+    `main_ratio`: SRMIL's configured mask ratio (default: that of the first SRMIL run)."""
+    if not runs:
+        raise ValueError("no runs to summarise")
+    out_dir = Path(out_dir)
+    table = pd.DataFrame([run_row(r) for r in runs])
+    if main_ratio is None:
+        srmil = [r for r in runs if r.model == "srmil"]
+        main_ratio = srmil[0].mask_ratio if srmil else None
+    main = _main_runs(table, main_ratio)
+    max_weights = {}
+    for model in main["model"].unique():
+        chosen = [r for r in runs if r.model == model
+                  and (r.model != "srmil" or r.mask_ratio == main_ratio)]
+        values = [pd.read_csv(r.eval_dir / "predictions.csv")["attention_max"] for r in chosen]
+        max_weights[model] = pd.concat(values).dropna().to_numpy(dtype=float)
+    write_text(out_dir / "runs.csv", table.to_csv(index=False))
+    write_text(out_dir / "summary.md", summary_markdown(table, main))
+    plot_study(table, main, max_weights, out_dir / "study.png")
+    return table

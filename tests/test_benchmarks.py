@@ -1,0 +1,74 @@
+"""benchmarks/run_all.py at its hidden tiny size: every benchmark runs and lands in the table.
+
+It checks that the scripts still run and fit together, not their figures (about 30 s).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ALL = REPO / "benchmarks" / "run_all.py"
+
+
+def run_all(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("CLAM_DIR", "CLAM_PYTHON")}
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ALL), "--size", "tiny", *args],
+        cwd=REPO,
+        env=env,  # without CLAM: only srmil's side of segment_tile.py, as in CI
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split(" | ")]
+        for line in text.splitlines()
+        if line.startswith("| `")
+    ]
+
+
+def test_run_all_tiny_writes_one_row_per_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "summary.md"
+    proc = run_all("--out", str(out), "--work", str(tmp_path / "work"))
+    text = out.read_text()
+    assert proc.stdout == text
+    rows = table_rows(text)
+    assert [r[0] for r in rows] == [
+        "`features.py`",
+        "`segment_tile.py`",
+        "`graph.py`",
+        "`mil.py`",
+    ]
+    for row in rows:
+        assert len(row) == 6 and not row[1].startswith("failed"), row
+        assert row[5].startswith(f"`python benchmarks/{row[0].strip('`')}"), row
+    # A measured ratio wherever the comparison ran (CLAM is absent here).
+    ratios = {r[0]: r[4] for r in rows}
+    for name in ("`features.py`", "`graph.py`", "`mil.py`"):
+        assert re.match(r"\*\*\d+\.\d+\*\*", ratios[name]), ratios[name]
+    assert ratios["`segment_tile.py`"] == "-"
+    # One progress line as each benchmark starts and one as it ends.
+    assert len(re.findall(r"\] \w+: started", proc.stderr)) == 4
+    assert len(re.findall(r"\] \w+: done in \d+\.\d s", proc.stderr)) == 4
+    logs = out.parent / "summary_logs"
+    assert {p.name for p in logs.iterdir()} >= {"graph.log", "graph.json", "mil.json"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["summary.md", "summary_logs"]
+
+
+def test_run_all_only_replaces_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "summary.md"
+    out.write_text("old\n")
+    run_all("--only", "graph", "--out", str(out))
+    rows = table_rows(out.read_text())
+    assert [r[0] for r in rows] == ["`graph.py`"]
+    assert not list(tmp_path.glob(".summary.md.*"))  # the temporary file was renamed
