@@ -43,6 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         mpp=args.mpp,
         prefix=args.prefix,
         tumour_fraction=tuple(args.tumour_fraction),
+        tumour_contrast=args.tumour_contrast,
     )
     print(sheet)
 
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tumour-fraction", type=float, nargs=2, default=[0.02, 0.05],
                    metavar=("LOW", "HIGH"),
                    help="range of each positive slide's tumour share of its tissue")
+    p.add_argument("--tumour-contrast", type=float, default=1.0,
+                   help="1 = conspicuous tumour (default), towards 0 = barely distinguishable")
     p.set_defaults(func=cmd_demo)
 
     def slide_args(p: argparse.ArgumentParser) -> None:

@@ -116,6 +116,9 @@ class TumourShape:
     fraction: tuple[float, float] = (0.02, 0.05)  # of the tissue area
     n_regions: tuple[int, int] = (1, 3)
     irregularity: float = 0.18
+    # How far tumour differs from stroma (stain, nuclear size, density, darkness): 1 = the
+    # demo's conspicuous tumour, towards 0 = barely distinguishable (harder cohorts).
+    contrast: float = 1.0
 
 
 @dataclass
@@ -129,6 +132,7 @@ class SlideGeometry:
     tumour_grid: np.ndarray  # bool on the coarse grid
     tumour_fraction: float  # the target drawn for this slide (0 for negatives)
     pieces: tuple[Blob, ...] = ()  # the tissue pieces before roughening (for pen circles)
+    tumour_contrast: float = 1.0  # TumourShape.contrast
 
 
 # --- the cohort plan: cheap, no pixels --------------------------------------------------------
@@ -368,6 +372,7 @@ class SlideFields:
     tumour_grid: np.ndarray
     tumour_fraction: float
     pieces: tuple[Blob, ...]
+    tumour_contrast: float = 1.0
 
     def masks(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 bool (tissue, tumour) of rows y0..y1, equal to those rows of the whole
@@ -415,7 +420,8 @@ def slide_fields(rng: np.random.Generator, width_px: int, height_px: int, mpp: f
         threshold = (float(values[k - 1]) + lower) / 2
         tumour_grid = (tumour_d > threshold) & tissue_grid
     return SlideFields(width_px, height_px, downsample, tissue_d, tumour_d, threshold,
-                       tissue_grid, lumen_grid, tumour_grid, fraction, tuple(pieces))
+                       tissue_grid, lumen_grid, tumour_grid, fraction, tuple(pieces),
+                       tumour_shape.contrast)
 
 
 def slide_geometry(rng: np.random.Generator, width_px: int, height_px: int, mpp: float,
@@ -431,7 +437,7 @@ def slide_geometry(rng: np.random.Generator, width_px: int, height_px: int, mpp:
         tumour = upsample_mask(f.tumour_d, f.tumour_threshold, width_px, height_px,
                                downsample) & tissue
     return SlideGeometry(tissue, tumour, f.tissue_grid, f.lumen_grid, f.tumour_grid,
-                         f.tumour_fraction, f.pieces)
+                         f.tumour_fraction, f.pieces, f.tumour_contrast)
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -556,7 +562,8 @@ def fibre_kernel(mpp: float, fibre_angle: float) -> np.ndarray:
 
 
 def shade(eosin: np.ndarray, stain_var: np.ndarray, tissue: np.ndarray, tumour: np.ndarray,
-          layer: np.ndarray, dither: np.ndarray, lut: np.ndarray, mpp: float) -> np.ndarray:
+          layer: np.ndarray, dither: np.ndarray, lut: np.ndarray, mpp: float,
+          contrast: float = 1.0) -> np.ndarray:
     """RGB from unit fibre noise (`eosin`, modified in place), stain variation, the masks and
     the nuclear layer: stain amounts per pixel -> quantised -> look-up table."""
     # Eosin: fibrous, patchy stroma; haematoxylin: a faint cytoplasmic tint.
@@ -566,8 +573,8 @@ def shade(eosin: np.ndarray, stain_var: np.ndarray, tissue: np.ndarray, tumour: 
     eosin *= tissue
     haem = (3.0 + 1.5 * stain_var) * tissue
     if tumour.any():
-        eosin[tumour] *= 0.45
-        haem[tumour] += 18.0
+        eosin[tumour] *= 1.0 - 0.55 * contrast
+        haem[tumour] += 18.0 * contrast
     layer = cv2.GaussianBlur(layer, (5, 5), 0.35 * (1.0 / mpp))
     nuclear = layer.astype(np.float32) * (1.0 / 255.0)
     haem += nuclear * 80.0
@@ -615,17 +622,18 @@ def render_rgb(rng: np.random.Generator, geometry: SlideGeometry, mpp: float,
     density = nuclei_density(rng, geometry.tissue_grid, geometry.lumen_grid, mpp, downsample)
     for nuclei in stroma_and_tumour_nuclei(rng, density, geometry.tumour_grid, downsample,
                                            tissue, tumour if tumour.any() else None, mpp,
-                                           fibre_angle):
+                                           fibre_angle, geometry.tumour_contrast):
         paint_nuclei(layer, nuclei)
     dither = rng.integers(0, 16, size=(h, w), dtype=np.uint8)  # two 2-bit draws per pixel
     lut = stain_lut(rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1))
-    return shade(fibres[:h, :w], stain_var[:h, :w], tissue, tumour, layer, dither, lut, mpp)
+    return shade(fibres[:h, :w], stain_var[:h, :w], tissue, tumour, layer, dither, lut, mpp,
+                 geometry.tumour_contrast)
 
 
 def stroma_and_tumour_nuclei(rng: np.random.Generator, density: np.ndarray,
                              tumour_grid: np.ndarray, downsample: int, tissue: np.ndarray,
                              tumour: np.ndarray | None, mpp: float,
-                             fibre_angle: float) -> list[Nuclei]:
+                             fibre_angle: float, contrast: float = 1.0) -> list[Nuclei]:
     """Spindle and round stromal nuclei, then (where there is tumour) large, crowded,
     hyperchromatic nuclei with nucleoli. `tissue` / `tumour` are level-0 masks, or callables
     (points -> bool) for slides too large to hold them."""
@@ -637,10 +645,14 @@ def stroma_and_tumour_nuclei(rng: np.random.Generator, density: np.ndarray,
            nuclei_params(rng, points[~spindle], (2.0 * um, 2.8 * um, 1.7 * um, 2.4 * um),
                          (170, 230))]
     if tumour is not None:
-        tumour_density = tumour_grid * (mpp * mpp / 55.0)
+        # At contrast c the tumour's extra nuclei, their size and darkness go from stromal
+        # round nuclei (c = 0) to the demo's large crowded ones (c = 1).
+        tumour_density = tumour_grid * (contrast * mpp * mpp / 55.0)
         points = sample_points(rng, tumour_density.astype(np.float32), downsample, tumour)
-        out.append(nuclei_params(rng, points, (4.5 * um, 6.5 * um, 3.5 * um, 5.0 * um),
-                                 (200, 245), vesicular=True))
+        stromal, large = np.array([2.0, 2.8, 1.7, 2.4]), np.array([4.5, 6.5, 3.5, 5.0])
+        size = tuple(float(v) * um for v in stromal + contrast * (large - stromal))
+        dark = (round(170 + 30 * contrast), round(230 + 15 * contrast))
+        out.append(nuclei_params(rng, points, size, dark, vesicular=contrast >= 0.5))
     return out
 
 
@@ -773,7 +785,7 @@ class BandedSlide:
         tumour = MaskAt(fields, "tumour") if fields.tumour_d is not None else None
         self.nuclei = stroma_and_tumour_nuclei(rng, density, fields.tumour_grid, ds,
                                                MaskAt(fields, "tissue"), tumour, mpp,
-                                               self.fibre_angle)
+                                               self.fibre_angle, fields.tumour_contrast)
         self.lut = stain_lut(rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1))
         reach = max((float(n.long_ax.max(initial=0.0)) for n in self.nuclei), default=0.0)
         self.halo = int(math.ceil(max(reach, self.kernel.shape[0]))) + 8
@@ -810,7 +822,7 @@ class BandedSlide:
         band_rng = np.random.default_rng([self.seed, self.index, 2, y0 // BAND_PX])
         dither = band_rng.integers(0, 16, size=tissue.shape, dtype=np.uint8)
         rgb = shade(self._fibres(e0, e1), stain_var, tissue, tumour, layer, dither, self.lut,
-                    self.mpp)
+                    self.mpp, f.tumour_contrast)
         crop = slice(y0 - e0, y1 - e0)
         rgb, tissue, tumour = rgb[crop], tissue[crop], tumour[crop]
         covered = apply_artifacts(rgb, y0, h, self.strokes, self.border, band_rng)
@@ -1034,15 +1046,20 @@ def write_slide(out_dir: Path, row: dict[str, str], index: int, seed: int, width
 def write_demo(out_dir: str | Path, n_slides: int = 24, seed: int = 0, width_px: int = 4096,
                height_px: int = 3072, mpp: float = 0.5, progress: bool = True,
                prefix: str = "demo",
-               tumour_fraction: tuple[float, float] = TumourShape.fraction) -> Path:
+               tumour_fraction: tuple[float, float] = TumourShape.fraction,
+               tumour_contrast: float = 1.0) -> Path:
     """Generate the cohort; return the path of samples.csv. `tumour_fraction`: the range of
-    each positive slide's tumour share of its tissue (drawn uniformly)."""
+    each positive slide's tumour share of its tissue (drawn uniformly); `tumour_contrast`:
+    1 = conspicuous tumour, towards 0 = barely distinguishable from stroma."""
     low, high = tumour_fraction
     if not 0 < low <= high < 1:
         raise ValueError(f"tumour_fraction must satisfy 0 < low <= high < 1, got {low}, {high}")
+    if not 0 < tumour_contrast <= 1:
+        raise ValueError(f"tumour_contrast must be in (0, 1], got {tumour_contrast}")
     out_dir = Path(out_dir)
     rows = planned_sheet(out_dir, n_slides, seed, prefix)
-    tumour_shape = TumourShape(fraction=(float(low), float(high)))
+    tumour_shape = TumourShape(fraction=(float(low), float(high)),
+                               contrast=float(tumour_contrast))
     for index, row in enumerate(tqdm(rows, desc="demo slides", unit="slide",
                                      disable=not progress)):
         write_slide(out_dir, row, index, seed, width_px, height_px, mpp,

@@ -125,10 +125,11 @@ def summary_markdown(table: pd.DataFrame, main: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_study(table: pd.DataFrame, main: pd.DataFrame, max_weights: dict[str, np.ndarray],
+def plot_study(table: pd.DataFrame, main: pd.DataFrame, max_weights: dict[str, pd.DataFrame],
                path: Path) -> None:
     """(a) AUC per seed of each main model; (b) the test slides' largest attention weights,
-    pooled over seeds; (c) SRMIL's AUC against the mask ratio, mean ± sd over seeds."""
+    pooled over seeds, by true label; (c) SRMIL's AUC against the mask ratio, mean ± sd over
+    seeds."""
     fig, axes = _figure(ncols=3, width=4.2, height=3.8)
     ax_auc, ax_att, ax_ratio = axes[0]
     models = sorted(main["model"].unique())
@@ -141,18 +142,25 @@ def plot_study(table: pd.DataFrame, main: pd.DataFrame, max_weights: dict[str, n
     ax_auc.set(xticks=range(len(models)), xticklabels=models, ylim=(0, 1.02), ylabel="AUC",
                title="(a) test AUC per seed")
     bins = np.logspace(-3, 0, 31)
-    for model in models:
-        weights = max_weights.get(model, np.zeros(0))
-        if weights.size:
-            ax_att.hist(np.clip(weights, bins[0], 1), bins=bins, histtype="step", lw=1.5,
-                        label=model)
+    for i, model in enumerate(models):
+        weights = max_weights.get(model)
+        if weights is None or weights.empty:
+            continue
+        # One colour per model; solid lines the slides of one label, dashed the others'.
+        for j, (label, rows) in enumerate(weights.groupby("label", sort=True)):
+            ax_att.hist(np.clip(rows["attention_max"], bins[0], 1), bins=bins, histtype="step",
+                        lw=1.5, color=f"C{i}", ls="-" if j == 0 else "--",
+                        label=f"{model}, {label}")
     ax_att.axvline(HIGH_ATTENTION, color="grey", ls="--", lw=0.8)
     ax_att.axvline(SMALL_ATTENTION, color="grey", ls=":", lw=0.8)
     ax_att.set(xscale="log", xlabel="largest attention weight of a slide", ylabel="slides",
                title="(b) attention collapse (test slides)")
     ax_att.legend(fontsize="small")
     ratios = curve_runs(table)
-    if not ratios.empty:
+    if ratios["mask_ratio"].nunique() < 2:
+        ax_ratio.text(0.5, 0.5, "one mask ratio only\n(ablation.mask_ratios)", ha="center",
+                      va="center", transform=ax_ratio.transAxes)
+    else:
         grouped = ratios.groupby("mask_ratio")["auc"]
         x = np.array(sorted(ratios["mask_ratio"].unique()), dtype=float)
         mean = grouped.mean().reindex(x).to_numpy(dtype=float)
@@ -179,8 +187,9 @@ def summarise_study(runs: Sequence[Run], out_dir: str | os.PathLike,
     for model in main["model"].unique():
         chosen = [r for r in runs if r.model == model
                   and (r.model != "srmil" or r.mask_ratio == main_ratio)]
-        values = [pd.read_csv(r.eval_dir / "predictions.csv")["attention_max"] for r in chosen]
-        max_weights[model] = pd.concat(values).dropna().to_numpy(dtype=float)
+        values = [pd.read_csv(r.eval_dir / "predictions.csv")[["label", "attention_max"]]
+                  for r in chosen]
+        max_weights[model] = pd.concat(values).dropna()
     write_text(out_dir / "runs.csv", table.to_csv(index=False))
     write_text(out_dir / "summary.md", summary_markdown(table, main))
     plot_study(table, main, max_weights, out_dir / "study.png")

@@ -295,3 +295,27 @@ def test_biopsy_fragments_stay_in_their_box() -> None:
     assert xs.min() >= (4096 - box_w) / 2 - 60 and xs.max() <= (4096 + box_w) / 2 + 60
     assert ys.min() >= (3072 - box_h) / 2 - 60 and ys.max() <= (3072 + box_h) / 2 + 60
     assert len(geometry.pieces) >= 2
+
+
+def test_tumour_contrast_fades_tumour_towards_stroma(tmp_path: Path) -> None:
+    """Same slide at contrast 1 and 0.25: the faint tumour's colour lies much nearer stroma."""
+    gaps = {}
+    for contrast in (1.0, 0.25):
+        out = tmp_path / f"c{contrast}"
+        row = one_slide(out, "t", demo.POSITIVE, width_px=2048, height_px=1536, mpp=MPP,
+                        tumour_shape=demo.TumourShape(fraction=(0.04, 0.05), contrast=contrast))
+        with openslide.OpenSlide(out / row["path"]) as slide:
+            rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+        tissue, tumour = read_mask(out, "t", "tissue"), read_mask(out, "t", "tumour")
+        small = cv2.resize(rgb, tissue.shape[::-1], interpolation=cv2.INTER_AREA).astype(float)
+        gaps[contrast] = np.abs(small[tumour].mean(0) - small[tissue & ~tumour].mean(0)).sum()
+    assert gaps[0.25] < 0.5 * gaps[1.0], gaps
+    with pytest.raises(ValueError, match="tumour_contrast"):
+        demo.write_demo(tmp_path / "bad", n_slides=4, tumour_contrast=0.0, progress=False)
+
+
+def test_prefix_names_the_slides_and_nothing_else() -> None:
+    rows, hard = demo.planned_sheet("x", 8, seed=0), demo.planned_sheet("x", 8, 0, "hard")
+    assert [r["slide_id"] for r in hard] == [f"hard_{i:03d}" for i in range(8)]
+    assert [r["label"] for r in hard] == [r["label"] for r in rows]
+    assert hard[0]["path"].startswith("slides/hard_000.")

@@ -25,7 +25,9 @@ if IS_DEMO:
             tumour=" ".join(
                 str(f) for f in config["demo"].get("tumour_fraction", [0.02, 0.05])
             ),
+            contrast=config["demo"].get("tumour_contrast", 1.0),
         shell:
             "srmil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
             " --width {params.width} --height {params.height} --mpp {params.mpp}"
-            " --prefix {params.prefix} --tumour-fraction {params.tumour} > {log} 2>&1"
+            " --prefix {params.prefix} --tumour-fraction {params.tumour}"
+            " --tumour-contrast {params.contrast} > {log} 2>&1"
