@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from srmil import __version__, store
-from srmil.errors import InputError
+from srmil.errors import InputError, settings_from_dict
 from srmil.slide import level_for_downsample, open_slide, read_region, slide_info, to_rgb
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,7 @@ class SegmentParams:
 
 def params_from_dict(values: dict[str, Any], source: str = "config.yaml segment") -> SegmentParams:
     """SegmentParams from a dict, refusing unknown keys with a one-line error naming them."""
-    names = {f.name for f in dataclasses.fields(SegmentParams)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise SegmentParamsError(
-            f"{source}: unknown segmentation setting(s) {', '.join(unknown)}; "
-            f"use one of {', '.join(sorted(names))}"
-        )
-    return SegmentParams(**values)
+    return settings_from_dict(SegmentParams, values, source, "segmentation", SegmentParamsError)
 
 
 def parse_override(name: str, text: str) -> Any:

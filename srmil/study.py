@@ -36,16 +36,19 @@ def parse_run(model: str, ratio: str, seed: str, eval_dir: str) -> Run:
     return Run(model, None if ratio == "-" else float(ratio), int(seed), Path(eval_dir))
 
 
-def run_row(run: Run) -> dict[str, object]:
-    """One row of runs.csv: pooled test metrics, and the attention of the test slides (final
-    models) and of the training slides (last epoch, with the share of top-1 patches in tumour)."""
+def read_run(run: Run) -> tuple[dict, pd.DataFrame]:
+    """The run's metrics.json and predictions.csv."""
     metrics_path = run.eval_dir / "metrics.json"
     predictions_path = run.eval_dir / "predictions.csv"
     for path in (metrics_path, predictions_path):
         if not path.is_file():
             raise InputError(f"{path}: not found; run `snakemake study` to evaluate this run")
-    metrics = read_json(metrics_path)
-    predictions = pd.read_csv(predictions_path)
+    return read_json(metrics_path), pd.read_csv(predictions_path)
+
+
+def run_row(run: Run, metrics: dict, predictions: pd.DataFrame) -> dict[str, object]:
+    """One row of runs.csv: pooled test metrics, and the attention of the test slides (final
+    models) and of the training slides (last epoch, with the share of top-1 patches in tumour)."""
     att = predictions["attention_max"].to_numpy(dtype=float)
     att = att[np.isfinite(att)]
     row: dict[str, object] = {
@@ -72,9 +75,9 @@ def _mean_sd(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {sd:.3f}"
 
 
-def _main_runs(table: pd.DataFrame, main_ratio: float | None) -> pd.DataFrame:
+def _is_main(table: pd.DataFrame, main_ratio: float | None) -> pd.Series:
     """The main model of each name: SRMIL at its configured ratio, other models as they are."""
-    return table[(table["model"] != "srmil") | (table["mask_ratio"] == main_ratio)]
+    return (table["model"] != "srmil") | (table["mask_ratio"] == main_ratio)
 
 
 def curve_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -178,18 +181,18 @@ def summarise_study(runs: Sequence[Run], out_dir: str | os.PathLike,
     if not runs:
         raise ValueError("no runs to summarise")
     out_dir = Path(out_dir)
-    table = pd.DataFrame([run_row(r) for r in runs])
+    loaded = [read_run(r) for r in runs]
+    table = pd.DataFrame([run_row(r, *files) for r, files in zip(runs, loaded, strict=True)])
     if main_ratio is None:
         srmil = [r for r in runs if r.model == "srmil"]
         main_ratio = srmil[0].mask_ratio if srmil else None
-    main = _main_runs(table, main_ratio)
-    max_weights = {}
-    for model in main["model"].unique():
-        chosen = [r for r in runs if r.model == model
-                  and (r.model != "srmil" or r.mask_ratio == main_ratio)]
-        values = [pd.read_csv(r.eval_dir / "predictions.csv")[["label", "attention_max"]]
-                  for r in chosen]
-        max_weights[model] = pd.concat(values).dropna()
+    is_main = _is_main(table, main_ratio)
+    main = table[is_main]
+    # The main runs' test slides: each one's largest attention weight and true label.
+    slides = pd.concat([predictions[["label", "attention_max"]].assign(model=run.model)
+                        for run, (_, predictions), keep in zip(runs, loaded, is_main, strict=True)
+                        if keep])
+    max_weights = dict(tuple(slides.dropna().groupby("model")))
     write_text(out_dir / "runs.csv", table.to_csv(index=False))
     write_text(out_dir / "summary.md", summary_markdown(table, main))
     plot_study(table, main, max_weights, out_dir / "study.png")

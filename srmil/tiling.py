@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from srmil import __version__, store
-from srmil.errors import InputError
+from srmil.errors import InputError, settings_from_dict
 from srmil.segment import polygons_mask, read_geojson_polygons
 from srmil.slide import SlideError, SlideInfo, level_for_downsample, open_slide, slide_info
 
@@ -42,14 +42,7 @@ class TileParams:
 
 def params_from_dict(values: dict[str, Any], source: str = "config.yaml tile") -> TileParams:
     """TileParams from a dict, refusing unknown keys with a one-line error naming them."""
-    names = {f.name for f in fields(TileParams)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise TileParamsError(
-            f"{source}: unknown tiling setting(s) {', '.join(unknown)}; "
-            f"use one of {', '.join(sorted(names))}"
-        )
-    return TileParams(**values)
+    return settings_from_dict(TileParams, values, source, "tiling", TileParamsError)
 
 
 def stride_of(params: TileParams) -> int:
