@@ -2,9 +2,9 @@
 
 Patches lie on a tissue-like region of the patch grid (an ellipse with holes, in the raster order
 the tiler writes; `--shuffled` also times a random order, which adds the relabelling step). For
-each size: the median time of `srmil.graph.grid_edges` over repeats, microseconds per patch, and,
+each size: the time of `srmil.graph.grid_edges` (best of the repeats), microseconds per patch, and,
 side by side, scipy's KD-tree radius search (`cKDTree.query_pairs`, what one would write without
-grid hashing, made into the same sorted two-way edge list with self-loops) on the same cells, as a
+a grid lookup, made into the same sorted two-way edge list with self-loops) on the same cells, as a
 ratio; the two graphs are checked to be identical. The scaling exponent is the slope of log(time)
 against log(patches): 1.0 is linear. Times are the best of `--repeats` (wall clock, and the
 process's CPU time, which other jobs on a shared machine disturb less).
@@ -94,7 +94,7 @@ def bench_size(n: int, window: int, repeats: int, kdtree: bool, shuffled: bool) 
             lambda: kdtree_edges(cells, window), repeats
         )
         if not np.array_equal(reference, edges):
-            raise AssertionError(f"{n} patches: the KD-tree graph differs from grid hashing")
+            raise AssertionError(f"{n} patches: the KD-tree graph differs from the grid lookup")
         row["kdtree_ratio"] = row["kdtree_s"] / wall
     return row
 
@@ -121,7 +121,7 @@ def markdown(env: dict[str, Any], window: int, rows: list[dict[str, Any]]) -> st
     cols = [
         "patches",
         "edges",
-        "grid hashing (s)",
+        "grid lookup (s)",
         "CPU (s)",
         "µs / patch",
         "time ratio to smallest",

@@ -138,9 +138,9 @@ def graph_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -> l
     row = {
         "measured": f"spatial graph build (window {result['window']}) at {big['patches']:,} "
         f"patches ({big['edges']:,} edges), {len(rows)} sizes from {rows[0]['patches']:,}: grid "
-        f"hashing against scipy's KD-tree radius search (identical edges, checked), best of "
+        f"lookup against scipy's KD-tree radius search (identical edges, checked), best of "
         f"{args.repeats}",
-        "srmil": f"grid hashing {big['grid_s']:.3f} s (CPU {big['grid_cpu_s']:.3f} s); scaling "
+        "srmil": f"grid lookup {big['grid_s']:.3f} s (CPU {big['grid_cpu_s']:.3f} s); scaling "
         f"exponent {result['scaling_exponent']:.2f} wall, {result['scaling_exponent_cpu']:.2f} "
         "CPU (1 = linear)",
         "comparison": "KD-tree not run (`--no-kdtree`)",

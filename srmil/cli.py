@@ -49,8 +49,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
+    from srmil.errors import InputError
     from srmil.segment import params_from_dict, segment_slide
 
+    if args.annotation and not Path(args.annotation).is_file():
+        raise InputError(
+            f"{args.annotation}: annotation not found; fix its path in the sample sheet or "
+            "leave it empty"
+        )
     summary = segment_slide(
         args.slide,
         args.out,

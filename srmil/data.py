@@ -30,13 +30,25 @@ class Bag:
     edge_index: torch.Tensor  # (2, E) int64, source row 0, target row 1
     coords: np.ndarray  # (N, 2) int64, level-0 px
     attrs: dict[str, Any] = field(default_factory=dict)  # the feature store's attributes
+    # The graph store's attributes (window, radius_cells, self_loops, ...): how edges were built.
+    graph_attrs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def to(self, device: torch.device | str) -> Bag:
         return Bag(self.slide_id, self.x.to(device), self.edge_index.to(device), self.coords,
-                   self.attrs)
+                   self.attrs, self.graph_attrs)
+
+
+# The graph store attributes that say how edges were built (not per-slide counts or strides):
+# a model is tied to them as to its feature extractor.
+GRAPH_PARAM_KEYS = ("window", "radius_cells", "self_loops")
+
+
+def graph_params(graph_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The graph-building parameters among a graph store's attributes."""
+    return {k: graph_attrs[k] for k in GRAPH_PARAM_KEYS if k in graph_attrs}
 
 
 def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
@@ -48,13 +60,61 @@ def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
         if not path.is_dir():
             raise InputError(f"{path}: store of slide {slide_id!r} not found; run the {step} step")
     features, coords, attrs = read_feature_store(features_path)
-    edge_index, _ = read_graph_store(graph_path)
+    edge_index, graph_attrs = read_graph_store(graph_path)
     n = len(features)
     # A graph built from another feature store would index the wrong patches silently.
     if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n):
         raise InputError(f"{graph_path}: edges reference node {int(edge_index.max())} but the "
                          f"feature store has {n} patches; rerun the graphs step")
-    return Bag(slide_id, torch.from_numpy(features), torch.from_numpy(edge_index), coords, attrs)
+    return Bag(slide_id, torch.from_numpy(features), torch.from_numpy(edge_index), coords, attrs,
+               graph_attrs)
+
+
+# Resident memory of a training job (docs/method.md, "Memory"), in MiB. One SRMIL step (forward,
+# backward, AdamW) on a 100k-patch bag measured 7.1 GiB above the process's start at D = 512 and
+# 9.7 GiB at D = 1024 (benchmarks/mil.py, CPU), ABMIL 1.5 and 1.6 GiB: per 100k patches, an
+# intercept plus a slope per feature dimension, linear in the patches between 1k and 100k.
+STEP_MIB_PER_100K = {"srmil": (4600.0, 5.2), "abmil": (1450.0, 0.2)}
+LIBRARIES_MIB = 2000  # torch and torch-geometric before the first step (1.7 GiB measured)
+MIN_TRAIN_MIB = 4000
+
+
+def train_memory_mb(model_name: str, feature_stores: list[str | os.PathLike],
+                    graph_stores: list[str | os.PathLike], setting: int | str = "auto") -> int:
+    """MiB a `train_fold` job of `model_name` needs on the CPU with these stores (all slides the
+    job may load), from the arrays' shapes alone (no data is read); a number as `setting`
+    (config.yaml's train.mem_mb) is returned as it is.
+
+    The peak is the libraries, every bag held as float32 with its int64 edges, and the larger of
+    one step on the largest bag and the scaler's float64 copies of all bags. Stores not written
+    yet are left out (at least MIN_TRAIN_MIB), so the workflow can ask before the features exist
+    and again when they do.
+    """
+    if setting != "auto":
+        return int(setting)
+    shapes = (_array_shape(Path(p), "features") for p in feature_stores)
+    sizes = [shape for shape in shapes if shape is not None]
+    edges = (_array_shape(Path(p), "edge_index") for p in graph_stores)
+    n_edges = sum(shape[1] for shape in edges if shape is not None)
+    if not sizes:
+        return MIN_TRAIN_MIB
+    values = sum(n * d for n, d in sizes)
+    held = (4 * values + 16 * n_edges + 16 * sum(n for n, _ in sizes)) / 2**20
+    n_max, d_max = max(n for n, _ in sizes), max(d for _, d in sizes)
+    intercept, per_dim = STEP_MIB_PER_100K.get(model_name, STEP_MIB_PER_100K["srmil"])
+    step = n_max / 1e5 * (intercept + per_dim * d_max)
+    scaler = 16 * values / 2**20  # a float64 copy of every bag, then their concatenation
+    return max(MIN_TRAIN_MIB, int(np.ceil(LIBRARIES_MIB + held + max(step, scaler))))
+
+
+def _array_shape(store: Path, name: str) -> tuple[int, ...] | None:
+    """The shape of array `name` of a Zarr store (written atomically, so a store that exists is
+    complete), read from its metadata; None while the store is not written."""
+    meta = store / name / "zarr.json"
+    if not (store / "zarr.json").is_file() or not meta.is_file():
+        return None
+    with open(meta, encoding="utf-8") as f:
+        return tuple(int(n) for n in json.load(f)["shape"])
 
 
 def make_splits(samples: pd.DataFrame, n_folds: int = 3, val_fraction: float = 0.2,

@@ -25,6 +25,7 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
+from srmil.errors import InputError
 from srmil.store import atomic_path, write_text
 
 SHEET_COLUMNS = ("slide_id", "path", "patient_id", "label", "annotation")
@@ -1052,8 +1053,11 @@ def write_demo(out_dir: str | Path, n_slides: int = 24, seed: int = 0, width_px:
     each positive slide's tumour share of its tissue (drawn uniformly); `tumour_contrast`:
     1 = conspicuous tumour, towards 0 = barely distinguishable from stroma."""
     low, high = tumour_fraction
-    if not 0 < low <= high < 1:
-        raise ValueError(f"tumour_fraction must satisfy 0 < low <= high < 1, got {low}, {high}")
+    if not 0 < low <= high < 1:  # the schema checks each bound, not their order
+        raise InputError(
+            f"config.yaml: demo.tumour_fraction [{low}, {high}] must be [low, high] with "
+            "0 < low <= high < 1; fix it (srmil demo: --tumour-fraction LOW HIGH)"
+        )
     if not 0 < tumour_contrast <= 1:
         raise ValueError(f"tumour_contrast must be in (0, 1], got {tumour_contrast}")
     out_dir = Path(out_dir)

@@ -318,6 +318,14 @@ def write_heatmaps(table: pd.DataFrame, attention: dict[str, np.ndarray], sample
 # --- comparing models, the mask-ratio ablation -----------------------------------------------
 
 
+# The attention diagnostics in the comparison (last epoch, training set, mean over folds).
+ATTENTION_ROWS = {"max_weight_median": "attention: median of slides' max weight",
+                  "share_high": "attention: share of slides with a weight >= 0.5",
+                  "top1_positive": "attention: top-1 patch positive",
+                  "top5_positive": "attention: top-5 patches positive",
+                  "high_positive": "attention: highly attended patches positive"}
+
+
 def compare_models(metrics_paths: Sequence[str | os.PathLike],
                    out_csv: str | os.PathLike, out_md: str | os.PathLike,
                    models_dirs: Sequence[str | os.PathLike] = (),
@@ -339,7 +347,7 @@ def compare_models(metrics_paths: Sequence[str | os.PathLike],
             logs[model] = list(_attention_logs(Path(models_dirs[i]),
                                                len(metrics["per_fold"])).values())
             summary = [_last_summary(r) for r in logs[model]]
-            for key in ("max_weight_median", "share_high", "top1_positive", "top5_positive"):
+            for key in ATTENTION_ROWS:
                 values = [s[key] for s in summary if s.get(key) is not None]
                 rows.append({"model": model, "metric": f"attention_{key}",
                              "pooled": float(np.mean(values)) if values else None,
@@ -362,7 +370,8 @@ def _comparison_markdown(table: pd.DataFrame) -> str:
         for model in models:
             row = table[(table["model"] == model) & (table["metric"] == metric)]
             cells.append(_cell(row.iloc[0]) if len(row) else "")
-        name = METRIC_NAMES.get(metric, metric.replace("_", " "))
+        key = metric.removeprefix("attention_")
+        name = METRIC_NAMES.get(metric) or ATTENTION_ROWS.get(key) or metric.replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return ("Pooled over the test folds, with the patient-level bootstrap "
             f"{level}interval; then mean ± std over folds. Attention rows: the training set at "

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from srmil import __version__, store
 from srmil.backbones import Backbone, spec_dict
-from srmil.errors import InputError
+from srmil.device import resolve_device as device_for
 from srmil.slide import open_slide, read_region, to_rgb
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,12 @@ class ChunkDataset(Dataset):
             out[j] = rgb
 
 
+# The devices config.yaml may name (its schema has the same pattern).
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"features.device = {device!r} but CUDA is not available; set auto or cpu")
-    return dev
+    """The device `features.device` names (srmil.device.resolve_device)."""
+    return device_for(device, "features.device")
 
 
 def resolve_workers(num_workers: int | str, device: torch.device) -> int:

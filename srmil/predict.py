@@ -2,8 +2,10 @@
 graph as in training, then the fold ensemble (the mean of the folds' class probabilities).
 
 The features must come from the extractor recorded in the model's provenance (the same name and
-the same weights); anything else is refused before a slide is touched, because a classifier
-applied to another feature space returns confident nonsense.
+the same weights), and the graphs from the same graph parameters (`window`, `radius_cells`,
+`self_loops`); anything else is refused and nothing is written, because a classifier applied to
+another feature space or another neighbourhood returns confident nonsense. A slide without
+patches gets a row with no probabilities and the reason in its `skipped` column.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from srmil.data import load_bag
+from srmil.data import graph_params, load_bag
 from srmil.errors import InputError
 from srmil.store import write_text
 
@@ -54,15 +56,21 @@ def load_ensemble(models_dir: str | os.PathLike,
         metas.append(meta)
     first = metas[0]
     for path, meta in zip(paths[1:], metas[1:], strict=True):
-        if (meta["model"], meta["classes"], _features(meta).get("weights_hash")) != (
-                first["model"], first["classes"], _features(first).get("weights_hash")):
-            raise PredictError(f"{path}: a different model, classes or extractor than "
+        if (meta["model"], meta["classes"], _features(meta).get("weights_hash"),
+                model_graph(meta)) != (first["model"], first["classes"],
+                                       _features(first).get("weights_hash"), model_graph(first)):
+            raise PredictError(f"{path}: a different model, classes, extractor or graph than "
                                f"{paths[0].name}; retrain all folds of {models_dir} together")
     return models, metas
 
 
 def _features(meta: dict[str, Any]) -> dict[str, Any]:
     return (meta.get("provenance") or {}).get("features") or {}
+
+
+def model_graph(meta: dict[str, Any]) -> dict[str, Any]:
+    """The graph parameters the model was trained on ({} for models that predate them)."""
+    return dict((meta.get("provenance") or {}).get("graph") or {})
 
 
 def model_extractor(meta: dict[str, Any], models_dir: str | os.PathLike = "") -> dict[str, Any]:
@@ -106,6 +114,44 @@ def check_store(meta: dict[str, Any], attrs: dict[str, Any], store: str | os.Pat
                 f"trained with {key}={trained[key]}; tile the slides with the model's settings")
 
 
+def check_graph(meta: dict[str, Any], graph_attrs: dict[str, Any], store: str | os.PathLike,
+                models_dir: str | os.PathLike) -> None:
+    """Refuse a graph store built with other parameters than the model's training graphs."""
+    trained, built = model_graph(meta), graph_params(graph_attrs)
+    differ = [k for k in trained if k in built and not _same_value(built[k], trained[k])]
+    if differ:
+        raise PredictError(
+            f"{store}: graph built with {_format(built, differ)}, but the model in {models_dir} "
+            f"was trained on graphs with {_format(trained, differ)}; rebuild the graphs with "
+            f"the model's settings (graph.window: {trained.get('window')} in config.yaml)")
+
+
+def graph_window(meta: dict[str, Any], settings: dict[str, Any],
+                 models_dir: str | os.PathLike) -> int:
+    """The window to build new slides' graphs with: the model's; a config asking for another
+    window is refused (models that predate graph provenance take the config's, default 2)."""
+    trained = model_graph(meta).get("window")
+    configured = (settings.get("graph") or {}).get("window")
+    if trained is None:
+        return int(configured if configured is not None else 2)
+    if configured is not None and int(configured) != int(trained):
+        raise PredictError(
+            f"graph.window={configured} in the config, but the model in {models_dir} was trained "
+            f"on graphs with window={trained}; set graph.window: {trained} or pick a model "
+            f"trained with window {configured}")
+    return int(trained)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    return bool(np.isclose(float(a), float(b)))
+
+
+def _format(params: dict[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k}={params[k]}" for k in keys)
+
+
 @torch.no_grad()
 def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
                    features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
@@ -118,7 +164,9 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
     ensemble's mean attention.
 
     Columns: slide_id, patient_id, label (when the sheet has labels), prob_{class} (the mean over
-    folds), prediction, n_models, attention_max, prob_{class}_fold{k} (each fold's).
+    folds), prediction, n_models, attention_max, prob_{class}_fold{k} (each fold's), skipped
+    (empty, or why a slide without patches has no prediction: its row has no probabilities and
+    n_models 0). Every slide of `samples` has a row, in the sheet's order.
     """
     from srmil.evaluate import predict_bags, write_heatmaps
     from srmil.train import resolve_device, torch_threads
@@ -135,8 +183,18 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
             bag = load_bag(features_dir, graphs_dir, sample.slide_id)
             check_store(metas[0], bag.attrs, Path(features_dir) / f"{sample.slide_id}.zarr",
                         models_dir)
+            check_graph(metas[0], bag.graph_attrs, Path(graphs_dir) / f"{sample.slide_id}.zarr",
+                        models_dir)
+            row = {"slide_id": sample.slide_id, "patient_id": sample.patient_id}
+            label = str(getattr(sample, "label", "") or "")
+            if label:
+                row["label"] = label
             if len(bag) == 0:
-                log.warning("slide %s has no patches; no prediction", sample.slide_id)
+                # Recorded, not dropped: the reason tiling gave travels with the feature store.
+                reason = str(bag.attrs.get("skipped") or "no patches")
+                log.warning("slide %s has no patches (%s); no prediction", sample.slide_id,
+                            reason)
+                rows.append({**row, "n_models": 0, "skipped": reason})
                 continue
             per_fold, weights = [], []
             for model in models:
@@ -145,10 +203,6 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
                 weights.append(att[0])
             mean = np.mean(per_fold, axis=0)
             attention[sample.slide_id] = np.mean(weights, axis=0)
-            row = {"slide_id": sample.slide_id, "patient_id": sample.patient_id}
-            label = str(getattr(sample, "label", "") or "")
-            if label:
-                row["label"] = label
             row.update({f"prob_{c}": float(v) for c, v in zip(classes, mean, strict=True)})
             row["prediction"] = classes[int(np.argmax(mean))]
             row["n_models"] = len(models)
@@ -156,16 +210,27 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
             for k, probs in zip(folds, per_fold, strict=True):
                 row.update({f"prob_{c}_fold{k}": float(v)
                             for c, v in zip(classes, probs, strict=True)})
+            row["skipped"] = ""
             rows.append(row)
-    table = pd.DataFrame(rows)
-    if "label" in table.columns and table["label"].isna().any():
-        table["label"] = table["label"].fillna("")
+    table = pd.DataFrame(rows, columns=_prediction_columns(rows, classes, folds))
+    for column in ("label", "prediction", "skipped"):
+        if column in table.columns:
+            table[column] = table[column].fillna("")
     write_text(out_dir / "predictions.csv", table.to_csv(index=False))
     if tiles_dir is not None:
-        write_heatmaps(table, attention, samples, tiles_dir, out_dir / "heatmaps",
+        write_heatmaps(table[table["skipped"] == ""], attention, samples, tiles_dir,
+                       out_dir / "heatmaps",
                        f"{metas[0]['model']} ({len(models)}-fold ensemble)", classes,
                        top_patches, heatmap_px)
     return table
+
+
+def _prediction_columns(rows: list[dict[str, Any]], classes: list[str],
+                        folds: list[int]) -> list[str]:
+    label = ["label"] if any("label" in row for row in rows) else []
+    return ["slide_id", "patient_id", *label, *(f"prob_{c}" for c in classes), "prediction",
+            "n_models", "attention_max",
+            *(f"prob_{c}_fold{k}" for k in folds for c in classes), "skipped"]
 
 
 def prepare_slides(samples: pd.DataFrame, meta: dict[str, Any], work_dir: str | os.PathLike,
@@ -176,8 +241,9 @@ def prepare_slides(samples: pd.DataFrame, meta: dict[str, Any], work_dir: str | 
 
     `settings` holds config.yaml sections (`segment`, `tile`, `backbones`, `features`, `graph`,
     `mpp_fallback`); missing ones take the stage defaults, and the tiling and backbone default
-    to the model's provenance. The backbone is checked against the model before any slide is
-    read. Returns the folders.
+    to the model's provenance. Graphs are built with the model's graph parameters. The backbone
+    and the graph window are checked against the model before any slide is read. Returns the
+    folders.
     """
     from srmil.backbones import load_backbone
     from srmil.features import extract_features
@@ -191,6 +257,7 @@ def prepare_slides(samples: pd.DataFrame, meta: dict[str, Any], work_dir: str | 
     settings = settings or {}
     trained = model_extractor(meta, models_dir)
     name = check_extractor(meta, extractor, models_dir)
+    window = graph_window(meta, settings, models_dir)
     spec = (settings.get("backbones") or {}).get(name) or trained.get("backbone")
     if not isinstance(spec, dict):
         raise PredictError(f"{models_dir}: extractor {name!r} is neither under 'backbones' in "
@@ -225,7 +292,7 @@ def prepare_slides(samples: pd.DataFrame, meta: dict[str, Any], work_dir: str | 
                          dirs["features"] / f"{sid}.zarr", backbone, extractor=name,
                          **feature_settings)
         build_graph(dirs["tiles"] / f"{sid}.json", dirs["graphs"] / f"{sid}.zarr",
-                    window=int((settings.get("graph") or {}).get("window", 2)))
+                    window=window)
     return dirs
 
 

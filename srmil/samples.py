@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -38,6 +39,8 @@ def read_sample_sheet(
     Relative paths are relative to the sheet's folder. With `check_files`, every slide (and
     annotation) must exist and be a file OpenSlide recognises. With `classes` (config.yaml's
     `classes`), every filled label must be one of them: a typo would otherwise become a class.
+    Without it, labels that differ only in case (`Tumour`, `tumour`) are refused. Cells are
+    stripped of surrounding whitespace (`P0 ` is patient `P0`).
     """
     sheet = Path(path)
     if not sheet.is_file():
@@ -64,7 +67,8 @@ def read_sample_sheet(
     for col in OPTIONAL:
         if col not in df.columns:
             df[col] = ""
-    df = df.apply(lambda s: s.str.strip() if s.dtype == object else s)
+    # Every column is read as text; pandas 3 types it StringDtype (not object), so strip all.
+    df = df.apply(lambda s: s.str.strip())
 
     bad = df.loc[~df["slide_id"].map(lambda s: bool(SLIDE_ID.match(s))), "slide_id"]
     if len(bad):
@@ -98,6 +102,8 @@ def read_sample_sheet(
                 f"{sheet}: slide {row['slide_id']!r} has label {row['label']!r}, not one of "
                 f"classes {', '.join(classes)}; fix the label or the classes key in config.yaml"
             )
+    else:
+        _check_case_variants(sheet, df["label"])
     df["patient_id"] = df["patient_id"].where(df["patient_id"] != "", df["slide_id"])
     if require_labels:
         labels_per_patient = df.groupby("patient_id")["label"].nunique()
@@ -117,19 +123,38 @@ def read_sample_sheet(
     _check_segment_overrides(sheet, df)
     if check_files:
         for row in df.itertuples():
-            check_slide_file(row.path, sheet)
-            if row.annotation and not Path(row.annotation).is_file():
-                raise SampleSheetError(
-                    f"{row.annotation}: annotation of slide {row.slide_id!r} "
-                    f"not found; fix its path in {sheet} or leave it empty"
-                )
+            check_row_files(row, sheet)
     return df.reset_index(drop=True)
+
+
+def check_row_files(row: Any, sheet: str | os.PathLike = "the sample sheet") -> None:
+    """Raise SampleSheetError unless a sheet row's slide (and annotation, if any) is usable."""
+    check_slide_file(row.path, sheet)
+    if row.annotation and not Path(row.annotation).is_file():
+        raise SampleSheetError(
+            f"{row.annotation}: annotation of slide {row.slide_id!r} "
+            f"not found; fix its path in {sheet} or leave it empty"
+        )
+
+
+def _check_case_variants(sheet: Path, labels: pd.Series) -> None:
+    """Without a class list any label is a class: refuse spellings that differ only in case
+    (`Tumour`, `tumour`), which would silently split one class in two."""
+    spellings: dict[str, str] = {}
+    for label in labels[labels != ""].unique():
+        first = spellings.setdefault(label.casefold(), label)
+        if first != label:
+            raise SampleSheetError(
+                f"{sheet}: labels {first!r} and {label!r} differ only in case; make them "
+                "identical, or list the classes you mean under classes in config.yaml"
+            )
 
 
 def _check_segment_overrides(sheet: Path, df: pd.DataFrame) -> None:
     columns = [c for c in df.columns if c.startswith(SEGMENT_PREFIX)]
     if not columns:
         return
+    from srmil.errors import SettingValueError
     from srmil.segment import parse_override
 
     for col in columns:
@@ -143,10 +168,10 @@ def _check_segment_overrides(sheet: Path, df: pd.DataFrame) -> None:
                     f"{sheet}: column {col!r} names no segmentation setting; rename it to "
                     f"{SEGMENT_PREFIX}<a key of the segment section of config.yaml>"
                 ) from None
-            except ValueError:
+            except SettingValueError as err:  # unparsable or out of range
                 raise SampleSheetError(
-                    f"{sheet}: {col} {value!r} of slide {slide_id!r} is not a valid value; "
-                    "fix it or leave it empty"
+                    f"{sheet}: {col} {value!r} of slide {slide_id!r} is not a valid value "
+                    f"(it must be {err.allowed}); fix it or leave it empty"
                 ) from None
 
 

@@ -1,7 +1,8 @@
 """Tissue segmentation on a low-resolution view: saturation, threshold, morphology -> polygons.
 
 The view is chosen by resolution (`seg_mpp`, refined for small slides, capped for huge ones) and
-read in bounded chunks, so memory does not grow with the slide. Pen ink (blue, green) and black
+read in bounded chunks and processed in strips, so memory is bounded by the view cap
+(`max_view_px`), not by the slide (docs/segmentation.md, Memory). Pen ink (blue, green) and black
 areas (black ink, scanner borders) are found by colour and removed before thresholding, so they
 neither become tissue nor pull the Otsu threshold. Every size is given in µm or µm², so a
 setting means the same thing at every resolution.
@@ -11,7 +12,6 @@ Polygons are written as GeoJSON in level-0 pixels (QuPath opens them), with a QC
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -23,7 +23,13 @@ import cv2
 import numpy as np
 
 from srmil import __version__, store
-from srmil.errors import InputError, settings_from_dict
+from srmil.errors import (
+    Allowed,
+    InputError,
+    SettingValueError,
+    check_settings,
+    settings_from_dict,
+)
 from srmil.slide import level_for_downsample, open_slide, read_region, slide_info, to_rgb
 
 log = logging.getLogger(__name__)
@@ -39,12 +45,18 @@ RASTER_SUPERSAMPLE = 4
 RASTER_MAX_SIDE = 16384
 # Glass is never more saturated than this; brighter "glass" is tissue covering the whole slide.
 MAX_GLASS_SATURATION = 30.0
+# The view's HSV and filtered copies are made this many rows at a time.
+STRIP_ROWS = 512
 # QC images are at most this many px on the longer side.
 QC_MAX_SIDE = 2048
 
 
 class SegmentParamsError(InputError):
     """A segmentation setting that cannot be used (config.yaml or a sample-sheet column)."""
+
+
+class SegmentValueError(SettingValueError, SegmentParamsError):
+    """A segmentation setting outside its allowed values."""
 
 
 @dataclass
@@ -66,31 +78,65 @@ class SegmentParams:
     dark_max_value: int = 60  # max(R, G, B) below this marks a black area
     ink_margin_um: float = 4.0  # grow ink/black areas by this much (their soft edges)
 
+    def __post_init__(self) -> None:
+        check_settings(self, SEGMENT_ALLOWED, "segment", SegmentValueError)
+
+
+# What each setting may be: the same ranges as workflow/schemas/config.schema.yaml, checked here
+# too because sample-sheet columns and `srmil segment --params` do not pass that schema.
+BYTE = Allowed(int, 0, 255)
+SEGMENT_ALLOWED = {
+    "seg_mpp": Allowed(float, 0, low_open=True),
+    "min_view_px": Allowed(int, 1),
+    "min_seg_mpp": Allowed(float, 0, low_open=True),
+    "max_view_px": Allowed(int, 64),
+    "median_um": Allowed(float, 0),
+    "threshold": Allowed(int, 0, 255, words=("otsu",)),
+    "min_saturation": BYTE,
+    "close_um": Allowed(float, 0),
+    "min_tissue_area_um2": Allowed(float, 0),
+    "min_hole_area_um2": Allowed(float, 0),
+    "max_holes_per_piece": Allowed(int, 0),
+    "exclude_pen": Allowed(bool),
+    "pen_green_over_red": BYTE,
+    "exclude_dark": Allowed(bool),
+    "dark_max_value": BYTE,
+    "ink_margin_um": Allowed(float, 0),
+}
+
 
 def params_from_dict(values: dict[str, Any], source: str = "config.yaml segment") -> SegmentParams:
-    """SegmentParams from a dict, refusing unknown keys with a one-line error naming them."""
+    """SegmentParams from a dict, refusing unknown keys and values outside their range with a
+    one-line error that names `source`, the setting, the value and what is allowed."""
     return settings_from_dict(SegmentParams, values, source, "segmentation", SegmentParamsError)
 
 
 def parse_override(name: str, text: str) -> Any:
-    """A per-slide setting from a sample-sheet cell, typed like the SegmentParams field."""
-    fields = {f.name: f for f in dataclasses.fields(SegmentParams)}
-    if name not in fields:
-        raise KeyError(name)
-    default = fields[name].default
-    text = text.strip()
-    if name == "threshold":
-        return "otsu" if text.lower() == "otsu" else int(text)
-    if isinstance(default, bool):
+    """A per-slide setting from a sample-sheet cell, typed like the SegmentParams field.
+
+    KeyError for an unknown setting; SegmentValueError (naming what is allowed) for a value
+    that does not parse or lies outside the setting's range."""
+    allowed = SEGMENT_ALLOWED[name]
+    try:
+        value = _parse_cell(text.strip(), allowed)
+    except ValueError:
+        raise SegmentValueError("segment", name, text, allowed) from None
+    if not allowed.fits(value):
+        raise SegmentValueError("segment", name, text, allowed)
+    return value
+
+
+def _parse_cell(text: str, allowed: Allowed) -> Any:
+    if text.lower() in allowed.words:
+        return text.lower()
+    if allowed.kind is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes"):
             return True
         if lowered in ("0", "false", "no"):
             return False
         raise ValueError(text)
-    if isinstance(default, int):
-        return int(text)
-    return float(text)
+    return allowed.kind(text)
 
 
 # --- the view ---------------------------------------------------------------------------------
@@ -143,25 +189,54 @@ def _disk(diameter_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (d, d))
 
 
-def ink_mask(rgb: np.ndarray, view_mpp: float, params: SegmentParams) -> np.ndarray:
-    """uint8 0/1 mask of pen ink and black areas, grown by `ink_margin_um`.
+def view_channels(
+    rgb: np.ndarray, view_mpp: float, params: SegmentParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(saturation, value, ink) of an RGB view as uint8 arrays: saturation and value
+    median-filtered over `median_um`, ink a 0/1 mask (see ink_mask).
+
+    Computed in strips of STRIP_ROWS rows, each read with enough rows around it for the median
+    filters, so the result is exactly that of the whole view at once while the HSV and
+    filtered copies never exceed a strip."""
+    height = rgb.shape[0]
+    k = min(_odd(params.median_um / view_mpp), 255)
+    pad = k // 2 + 1  # >= the radius of both median filters (k and 3)
+    sat = np.empty(rgb.shape[:2], np.uint8)
+    value = np.empty(rgb.shape[:2], np.uint8)
+    ink = np.zeros(rgb.shape[:2], np.uint8)
+    for y0 in range(0, height, STRIP_ROWS):
+        y1 = min(height, y0 + STRIP_ROWS)
+        a, b = max(0, y0 - pad), min(height, y1 + pad)
+        inner = slice(y0 - a, y1 - a)
+        hsv = cv2.cvtColor(rgb[a:b], cv2.COLOR_RGB2HSV)
+        for channel, out in ((1, sat), (2, value)):
+            filtered = cv2.medianBlur(hsv[..., channel], k) if k > 1 else hsv[..., channel]
+            out[y0:y1] = filtered[inner]
+        del hsv
+        if params.exclude_pen or params.exclude_dark:
+            ink[y0:y1] = _ink_pixels(rgb[a:b], params)[inner]
+    if params.ink_margin_um > 0 and ink.any():
+        ink = cv2.dilate(ink, _disk(2 * params.ink_margin_um / view_mpp))
+    return sat, value, ink
+
+
+def _ink_pixels(rgb: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """uint8 0/1 mask of ink and black pixels (before growing by the margin).
 
     H&E absorbs green at least as strongly as red (both stains do), so tissue never shows more
     green than red; blue and green inks do. Black ink and scanner borders are simply dark: no
     stained tissue is that dark at a few µm/px.
     """
-    ink = np.zeros(rgb.shape[:2], np.uint8)
-    if not (params.exclude_pen or params.exclude_dark):
-        return ink
     smooth = cv2.medianBlur(rgb, 3)
+    ink = np.zeros(rgb.shape[:2], np.uint8)
     if params.exclude_pen:
-        green_minus_red = smooth[..., 1].astype(np.int16) - smooth[..., 0].astype(np.int16)
-        ink |= (green_minus_red > params.pen_green_over_red).astype(np.uint8)
+        # Saturating G - R (0 where red wins): the same test as a signed difference, since
+        # pen_green_over_red >= 0, without int16 copies.
+        green_minus_red = cv2.subtract(smooth[..., 1], smooth[..., 0])
+        ink |= green_minus_red > params.pen_green_over_red
     if params.exclude_dark:
         value = cv2.max(cv2.max(smooth[..., 0], smooth[..., 1]), smooth[..., 2])
-        ink |= (value < params.dark_max_value).astype(np.uint8)
-    if ink.any() and params.ink_margin_um > 0:
-        ink = cv2.dilate(ink, _disk(2 * params.ink_margin_um / view_mpp))
+        ink |= value < params.dark_max_value
     return ink
 
 
@@ -173,17 +248,16 @@ def saturation_threshold(
     tissue, Otsu would otherwise split the background's noise in two."""
     if params.threshold != "otsu":
         return int(params.threshold)
-    clean = ink == 0
-    values = sat[clean] if ink.any() else sat.ravel()
+    if ink.any():
+        clean = ink == 0
+        values, bright = sat[clean], value[clean]
+        del clean
+    else:
+        values, bright = sat.ravel(), value.ravel()
     if values.size == 0:
         return 255
     thr, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    bright = value[clean] if ink.any() else value.ravel()
-    glass = (
-        sat[clean][bright >= np.percentile(bright, 99)]
-        if ink.any()
-        else (sat.ravel()[bright >= np.percentile(bright, 99)])
-    )
+    glass = values[bright >= np.percentile(bright, 99)]
     floor = min(float(np.median(glass)), MAX_GLASS_SATURATION) + params.min_saturation
     return int(max(thr, floor))
 
@@ -192,17 +266,21 @@ def tissue_mask(
     rgb: np.ndarray, view_mpp: float, params: SegmentParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tissue, excluded ink) uint8 0/1 masks of an RGB view whose pixels are `view_mpp` µm."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    k = min(_odd(params.median_um / view_mpp), 255)
-    sat = cv2.medianBlur(hsv[..., 1], k) if k > 1 else hsv[..., 1]
-    value = cv2.medianBlur(hsv[..., 2], k) if k > 1 else hsv[..., 2]
-    ink = ink_mask(rgb, view_mpp, params)
-    mask = (sat > saturation_threshold(sat, value, ink, params)).astype(np.uint8)
+    sat, value, ink = view_channels(rgb, view_mpp, params)
+    return mask_from_channels(sat, value, ink, view_mpp, params), ink
+
+
+def mask_from_channels(
+    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, view_mpp: float, params: SegmentParams
+) -> np.ndarray:
+    """uint8 0/1 tissue mask from view_channels' output: threshold, closing, ink removed."""
+    threshold = saturation_threshold(sat, value, ink, params)
+    mask = np.greater(sat, threshold).view(np.uint8)  # bool is 0/1 bytes: no copy
     if params.close_um > 0:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(params.close_um / view_mpp))
     # Ink goes after closing, so closing cannot bridge a stroke drawn across tissue.
-    mask[ink > 0] = 0
-    return mask, ink
+    cv2.subtract(mask, ink, dst=mask)
+    return mask
 
 
 def mask_to_polygons(
@@ -262,24 +340,53 @@ def _ring(contour: np.ndarray, scale: float, outer: bool) -> list[list[float]]:
 
 
 def polygons_mask(
-    polygons: list[dict[str, Any]], shape: tuple[int, int], downsample: float
+    polygons: list[dict[str, Any]],
+    shape: tuple[int, int],
+    downsample: float,
+    window: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Rasterise level-0 polygons (with holes) to a uint8 0/1 mask of `shape` at `downsample`;
-    vertices keep 1/16 px precision."""
+    vertices keep 1/16 px precision.
+
+    With `window` (y0, y1, x0, x1 in mask px), only that part of the mask is made: the same
+    pixels as the whole mask's when no polygon crosses the window's edges inside the mask
+    (e.g. polygons_window), in the window's memory."""
     # fillPoly also sets every pixel an edge touches (about half a pixel too much all round):
     # draw `factor` times finer and keep the pixels that are at least half covered.
     factor = max(1, min(RASTER_SUPERSAMPLE, RASTER_MAX_SIDE // max(1, *shape)))
-    fine = np.zeros((shape[0] * factor, shape[1] * factor), np.uint8)
+    y0, y1, x0, x1 = window or (0, shape[0], 0, shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
+    fine = np.zeros(((y1 - y0) * factor, (x1 - x0) * factor), np.uint8)
+    # A whole number of fine px in 1/16 px units: the same raster, shifted.
+    shift = np.array([x0, y0], np.int32) * factor * 16
     for poly in polygons:
-        rings = _pixel_rings(poly, downsample / factor)
+        rings = [r - shift for r in _pixel_rings(poly, downsample / factor)]
         cv2.fillPoly(fine, rings[:1], 1, cv2.LINE_8, 4)
         if len(rings) > 1:
             cv2.fillPoly(fine, rings[1:], 0, cv2.LINE_8, 4)
     if factor == 1:
         return fine
     fine *= 255
-    coarse = cv2.resize(fine, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-    return (coarse >= 128).astype(np.uint8)
+    coarse = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    del fine
+    return np.greater_equal(coarse, 128).view(np.uint8)
+
+
+def polygons_window(
+    polygons: list[dict[str, Any]], shape: tuple[int, int], downsample: float
+) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the part of a `shape` mask at `downsample` that polygons_mask can set,
+    i.e. the polygons' bounding box with 2 px to spare (edge pixels), within the mask."""
+    points = [np.asarray(p["coordinates"][0], np.float64).reshape(-1, 2) for p in polygons
+              if p["coordinates"] and len(p["coordinates"][0])]
+    if not points:
+        return (0, 0, 0, 0)
+    xy = np.concatenate(points) / downsample
+    (x0, y0), (x1, y1) = np.floor(xy.min(0)) - 2, np.ceil(xy.max(0)) + 2
+    ys = np.clip([y0, y1], 0, shape[0]).astype(int)
+    xs = np.clip([x0, x1], 0, shape[1]).astype(int)
+    return int(ys[0]), int(ys[1]), int(xs[0]), int(xs[1])
 
 
 def read_geojson_polygons(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -376,12 +483,17 @@ def segment_slide(
         rgb = thumbnail(slide, downsample)
     downsample = info.width / rgb.shape[1]  # the exact scale after rounding the view size
     view_mpp = info.mpp * downsample
-    mask, ink = tissue_mask(rgb, view_mpp, params)
+    qc_rgb, qc_downsample = qc_scale(rgb, downsample)
+    sat, value, ink = view_channels(rgb, view_mpp, params)
+    small_view = qc_rgb is rgb
+    del rgb  # the largest array: free it before the mask's temporaries (QC keeps a copy)
+    mask = mask_from_channels(sat, value, ink, view_mpp, params)
+    del sat, value
     polygons = mask_to_polygons(mask, view_mpp, downsample, params)
+    del mask
     tissue_area_um2 = sum(_polygon_area(p) for p in polygons) * info.mpp**2
     if not polygons:
         log.warning("%s: no tissue found; the slide will have no patches", slide_path)
-    qc_rgb, qc_downsample = qc_scale(rgb, downsample)
     summary = {
         "slide": str(slide_path),
         "mpp": info.mpp,
@@ -409,7 +521,7 @@ def segment_slide(
     text = json.dumps(collection, sort_keys=True, separators=(",", ":"))
     store.write_text(out_geojson, text + "\n")
     tumour = read_geojson_polygons(annotation) if annotation else None
-    if qc_rgb is not rgb:
+    if not small_view:
         ink = cv2.resize(ink, qc_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
     write_png(out_qc_png, draw_overlay(qc_rgb, qc_downsample, polygons, tumour, ink))
     return summary

@@ -38,6 +38,11 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
             f"{p}: empty file (0 bytes); copy the slide again or remove its row from the "
             "sample sheet"
         )
+    if openslide.OpenSlide.detect_format(str(p)) is None:
+        raise SlideError(
+            f"{p}: not a slide OpenSlide can read (another format, or a truncated copy); "
+            "replace the file or remove its row from the sample sheet"
+        )
     try:
         return openslide.OpenSlide(str(p))
     except (openslide.OpenSlideError, OSError) as err:

@@ -1,7 +1,8 @@
 """The one place that reads and writes srmil's files: JSON, tile sets, feature and graph stores.
 
-Every writer is atomic: it writes to a temporary sibling and renames it into place, so an
-interrupted job never leaves a half-written output that a rerun would take as complete.
+Every writer is atomic: it writes to a temporary sibling, flushes it to disk and renames it into
+place, so an interrupted job (or a power cut) never leaves a half-written output that a rerun
+would take as complete.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
 
     The temporary is a hidden sibling (`.{name}.XXXX.tmp{suffix}`). A process killed mid-write
-    (SIGKILL, power cut) leaves it behind; the next write of the same path removes it.
+    (SIGKILL, power cut) leaves it behind; the next write of the same path removes it. The
+    temporary's data is fsynced before the rename and the folder after it, so after a power cut
+    `path` is the old output, none, or the complete new one (never a name without its data).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,14 +47,51 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and folder of a folder (a Zarr store: a few JSON files and
+    chunks of thousands of rows, so tens of files), to disk."""
+    if not path.is_dir():
+        _fsync_file(path)
+        return
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_file(Path(root, name))
+        _fsync_folder(Path(root))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename is durable only then). Some filesystems (SMB, some
+    FUSE mounts) cannot fsync a folder: there the rename is as durable as they make it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(path: Path, suffix: str) -> None:

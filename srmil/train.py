@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from srmil import __version__
 from srmil.attention import AttentionRecorder
-from srmil.data import Bag, load_bag
+from srmil.data import Bag, graph_params, load_bag
+from srmil.device import resolve_device as device_for
 from srmil.errors import InputError
 from srmil.evaluate import classification_metrics, predict_bags
 from srmil.models import MODEL_NAMES, build_model, default_hparams
@@ -124,11 +125,12 @@ def select_epoch(epoch_log: pd.DataFrame | Sequence[dict[str, Any]], epochs: int
     return int(ranked["epoch"].iloc[0])
 
 
+# The devices config.yaml may name (its schema has the same pattern).
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" means the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The device `train.device` names (srmil.device.resolve_device)."""
+    return device_for(device, "train.device")
 
 
 def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
@@ -156,6 +158,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
             raise InputError(f"fold {fold}: no training slide has patches; check the feature "
                              "stores")
         in_dim = _check_same_features(train_bags + val_bags)
+        graph = _check_same_graphs(train_bags + val_bags)
         model = build_model(model_name, in_dim=in_dim, n_classes=len(classes),
                             hparams=hparams).to(dev)
         if config.standardize_features:
@@ -183,7 +186,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
         "seed": seed,
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "provenance": _provenance(train_bags[0]),
+        "provenance": _provenance(train_bags[0], graph),
         "time_s": round(time.perf_counter() - started, 3),
     }
     out_path = Path(out_path)
@@ -337,6 +340,18 @@ def _check_same_features(bags: list[Bag]) -> int:
     return int(first.x.shape[1])
 
 
+def _check_same_graphs(bags: list[Bag]) -> dict[str, Any]:
+    """The graph parameters shared by all bags: a model is trained on one kind of graph."""
+    first = graph_params(bags[0].graph_attrs)
+    for bag in bags[1:]:
+        params = graph_params(bag.graph_attrs)
+        if params != first:
+            raise InputError(f"slides {bags[0].slide_id} and {bag.slide_id} have graphs built "
+                             f"with different parameters ({first} vs {params}); rerun the graphs "
+                             "step with one graph.window")
+    return first
+
+
 def _optimiser(model: torch.nn.Module, config: TrainConfig):
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     optimizer = kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -352,7 +367,9 @@ def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _provenance(bag: Bag) -> dict[str, Any]:
+def _provenance(bag: Bag, graph: dict[str, Any]) -> dict[str, Any]:
+    """Versions, the feature store's extractor and tiling, and the graph's parameters: what
+    `srmil predict` must reproduce on new slides."""
     import torch_geometric
 
     return {
@@ -360,6 +377,7 @@ def _provenance(bag: Bag) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "torch_geometric_version": torch_geometric.__version__,
         "features": {k: bag.attrs[k] for k in FEATURE_PROVENANCE_KEYS if k in bag.attrs},
+        "graph": graph,
     }
 
 

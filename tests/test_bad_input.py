@@ -21,14 +21,16 @@ from srmil.backbones import load_backbone
 from srmil.cli import main
 from srmil.data import load_bag
 from srmil.demo import TissueShape, write_slide
-from srmil.errors import one_line
+from srmil.errors import InputError, one_line
 from srmil.features import extract_features
+from srmil.features import resolve_device as features_device
 from srmil.graph import build_graph
 from srmil.samples import SampleSheetError, check_slide_file
 from srmil.segment import segment_slide
 from srmil.slide import SlideError
 from srmil.store import read_store_attrs, read_tiles
 from srmil.tiling import tile_slide
+from srmil.train import resolve_device as train_device
 
 RESNET18 = {"model": "resnet18", "pretrained": False}
 
@@ -143,7 +145,7 @@ def test_non_slides_are_refused_before_any_job(
         "--qc",
         tmp_path / "x.png",
     )
-    assert f"{slides['text']}: OpenSlide cannot open it" in line
+    assert f"{slides['text']}: not a slide OpenSlide can read (another format" in line
 
 
 # --- damaged slides: found when read, fail that slide's job only -----------------------------
@@ -295,6 +297,25 @@ def test_extreme_aspect_ratio_is_tiled(slides: dict[str, Path], tmp_path: Path) 
     assert w / h == pytest.approx(16, rel=0.1)
 
 
+@pytest.mark.parametrize(
+    ("resolve", "key"),
+    [(features_device, "features.device"), (train_device, "train.device")],
+)
+def test_a_bad_device_names_its_key(resolve, key: str) -> None:
+    """features.device and train.device (train, evaluate, predict): one line naming the key,
+    not a torch traceback inside the job."""
+    assert resolve("cpu") == torch.device("cpu")
+    assert resolve("auto").type in ("cpu", "cuda")
+    for bad in ("gpu", "cuda0", "cpu:1", " cuda", ""):
+        with pytest.raises(InputError, match=rf"config\.yaml: {key} '{bad}' is not a device; "
+                           r"use auto, cpu, mps, cuda or cuda:N") as err:
+            resolve(bad)
+        assert "\n" not in str(err.value)
+    # Well formed, but no machine here has a 100th GPU.
+    with pytest.raises(InputError, match=rf"{key} 'cuda:99' is not available on this machine"):
+        resolve("cuda:99")
+
+
 # --- sheets and config: the workflow stops at parse time with one line ------------------------
 
 
@@ -390,6 +411,11 @@ def test_keep_going_finishes_the_other_slides_then_the_fixed_sheet_runs_to_the_e
         )
     damaged = cohort / "slides" / COHORT["bad_read"][0]
     damage_level0(damaged, damaged)
+    # Files the sheet check refuses (without --keep-going the run would stop at parse time).
+    (cohort / "slides" / "empty.svs").write_bytes(b"")
+    for slide_id, name in (("empty", "empty.svs"), ("gone", "gone.svs")):
+        row = {"slide_id": slide_id, "path": f"slides/{name}", "patient_id": slide_id}
+        rows.append({**row, "label": "normal", "annotation": "", "mpp": ""})
     pd.DataFrame(rows).to_csv(cohort / "sheet 1.csv", index=False)
     pd.DataFrame(rows[:6]).to_csv(cohort / "sheet 2.csv", index=False)  # the bad rows removed
     config = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()), SMALL)
@@ -405,6 +431,15 @@ def test_keep_going_finishes_the_other_slides_then_the_fixed_sheet_runs_to_the_e
         f"srmil segment: error: {cohort / 'slides' / COHORT['bad_mpp'][0]}: no µm/px in the "
         "file; add an 'mpp' column to the sample sheet or set 'mpp_fallback' in config.yaml"
     )
+    out = proc.stdout + proc.stderr
+    for slide_id, problem in (("empty", "empty file (0 bytes)"), ("gone", "slide file not found")):
+        path = cohort / "slides" / f"{slide_id}.svs"
+        assert f"srmil: warning: {path}: {problem}" in out, out[-3000:]
+        log = (logs / f"segment/{slide_id}.log").read_text()
+        assert "Traceback" not in log
+        assert log.strip().endswith(f"srmil segment: error: {path}: {problem}; " + (
+            "copy the slide again or remove its row from the sample sheet"
+            if slide_id == "empty" else "fix its path in the sample sheet"))
     bad_read = (logs / "features/resnet18/bad_read.log").read_text()
     assert "Traceback" not in bad_read
     assert f"srmil features: error: {damaged}: pixel data at level 0" in bad_read
@@ -430,6 +465,37 @@ def test_keep_going_finishes_the_other_slides_then_the_fixed_sheet_runs_to_the_e
         assert len(list((out / "heatmaps").glob("*.png"))) == 2
     tiles = json.loads((tmp_path / "results/tiles/n2.json").read_text())
     assert tiles["plan"]["mpp_source"] == "sample sheet"
+
+
+# --- a power cut: outputs reach the disk before their name does -------------------------------
+
+
+def test_atomic_writes_are_flushed_to_disk(tmp_path: Path, monkeypatch) -> None:
+    """Every file and folder of a written store, and the folder that holds its name, is fsynced
+    (os.fsync is watched, and still called): after a power cut the name never lacks its data."""
+    import os
+
+    import numpy as np
+
+    from srmil.store import write_feature_store, write_json
+
+    synced, fsync = set(), os.fsync
+
+    def watched(fd: int) -> None:
+        info = os.fstat(fd)
+        synced.add((info.st_dev, info.st_ino))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched)
+    out = tmp_path / "features"
+    write_feature_store(out / "s.zarr", np.ones((5000, 8)), np.zeros((5000, 2)), {"n": 5000})
+    write_json(out / "s.json", {"n": 5000})
+    written = [out, out / "s.json", *(out / "s.zarr").rglob("*"), out / "s.zarr"]
+    assert len(written) > 6  # chunks, metadata, folders
+    for path in written:
+        info = path.stat()
+        assert (info.st_dev, info.st_ino) in synced, path
+    assert sorted(p.name for p in out.iterdir()) == ["s.json", "s.zarr"]  # no temporaries left
 
 
 # --- nothing a user supplies is unpickled -----------------------------------------------------

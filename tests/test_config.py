@@ -61,6 +61,9 @@ def test_bad_values_name_the_key(section, key, value, expected) -> None:
         (("segment", "threshold"), 300, r"segment\.threshold: 300 is not valid"),
         (("evaluate", "ci_level"), 1.5, r"evaluate\.ci_level: 1\.5 is not valid: must be < 1"),
         (("cv", "val_fraction"), "0.2", r"cv\.val_fraction: '0\.2' is not valid: expected number"),
+        (("features", "device"), "gpu", r"features\.device: 'gpu' is not valid: must match"),
+        (("train", "device"), "cuda0", r"train\.device: 'cuda0' is not valid: must match"),
+        (("train", "device"), "cuda:", r"train\.device: 'cuda:' is not valid: must match"),
     ],
 )
 def test_nested_bad_values_name_the_key(path, value, expected) -> None:
@@ -76,6 +79,13 @@ def test_nested_bad_values_name_the_key(path, value, expected) -> None:
 
 def test_classes_list_is_valid() -> None:
     validate_config({**copy.deepcopy(DEFAULT), "classes": ["normal", "tumour"]}, SCHEMA)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"])
+def test_devices_are_valid(device: str) -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["features"]["device"] = config["train"]["device"] = device
+    validate_config(config, SCHEMA)
 
 
 def test_schema_lists_every_training_setting() -> None:

@@ -14,6 +14,8 @@ import pytest
 import tifffile
 
 from srmil import demo
+from srmil.cli import main
+from srmil.errors import InputError
 
 N_SLIDES, SEED, WIDTH_PX, HEIGHT_PX, MPP = 6, 3, 1024, 768, 0.5
 LOW, HIGH = demo.TumourShape().fraction
@@ -312,6 +314,19 @@ def test_tumour_contrast_fades_tumour_towards_stroma(tmp_path: Path) -> None:
     assert gaps[0.25] < 0.5 * gaps[1.0], gaps
     with pytest.raises(ValueError, match="tumour_contrast"):
         demo.write_demo(tmp_path / "bad", n_slides=4, tumour_contrast=0.0, progress=False)
+
+
+def test_tumour_fraction_out_of_order_names_the_key(tmp_path: Path, capsys) -> None:
+    """[high, low] passes the schema (each bound is fine): one line naming the key, no slide."""
+    message = r"config\.yaml: demo\.tumour_fraction \[0\.5, 0\.1\] must be \[low, high\]"
+    with pytest.raises(InputError, match=message):
+        demo.write_demo(tmp_path / "bad", n_slides=4, tumour_fraction=(0.5, 0.1), progress=False)
+    assert not (tmp_path / "bad").exists()
+    # Through the CLI, as the demo rule runs it: one line, no traceback.
+    assert main(["demo", "--out", str(tmp_path / "cli"), "--n-slides", "4",
+                 "--tumour-fraction", "0.5", "0.1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "demo.tumour_fraction [0.5, 0.1]" in err
 
 
 def test_prefix_names_the_slides_and_nothing_else() -> None:

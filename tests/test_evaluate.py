@@ -8,10 +8,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
+from srmil import demo
 from srmil.attention import (
+    POSITIVE_AREA,
     AttentionRecorder,
     epoch_summaries,
     patch_annotation_fractions,
@@ -20,6 +23,7 @@ from srmil.attention import (
     summarise_stats,
 )
 from srmil.data import make_splits
+from srmil.errors import InputError
 from srmil.evaluate import (
     bootstrap_intervals,
     classification_metrics,
@@ -28,7 +32,8 @@ from srmil.evaluate import (
     plot_roc,
     summarise_ablation,
 )
-from srmil.store import read_json
+from srmil.heatmaps import draw_heatmap, read_patches
+from srmil.store import read_json, write_tiles
 from srmil.train import train_fold
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,8 +133,7 @@ def test_evaluate_model_writes_metrics_predictions_and_plots(cohort, evaluated, 
     assert list(table["label"]) == list(truth["label"])
 
     for name in ("roc.png", "confusion.png", "training_curves.png"):
-        data = (out_dir / name).read_bytes()
-        assert data.startswith(PNG_MAGIC) and len(data) > 2000
+        _image(out_dir / name)
 
 
 @pytest.mark.parametrize("model_name", ["abmil", "srmil"])
@@ -279,7 +283,7 @@ def test_patch_annotation_fractions_by_hand(tmp_path):
     square = {"type": "Polygon", "coordinates": [[[50, 0], [250, 0], [250, 100], [50, 100],
                                                   [50, 0]]]}
     assert patch_annotation_fractions(coords, 100, [square]) == pytest.approx([0.5, 1, 0.5],
-                                                                              abs=0.07)
+                                                                              abs=0.01)
     thin = {"type": "Polygon", "coordinates": [[[0, 0], [115, 0], [115, 100], [0, 100],
                                                 [0, 0]]]}
     path = tmp_path / "tumour.geojson"
@@ -289,6 +293,38 @@ def test_patch_annotation_fractions_by_hand(tmp_path):
     assert positive_patches(coords, 100, path).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="annotation not found"):
         positive_patches(coords, 100, tmp_path / "missing.geojson")
+
+
+def _box(x0, y0, x1, y1):
+    return {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1],
+                                                [x0, y0]]]}
+
+
+@pytest.mark.parametrize(("width", "offset", "positive"),
+                         [(19, 3.5, False), (19, 9.8, False), (21, 4.9, True), (21, 11.2, True)])
+def test_the_20_percent_rule_is_exact_off_the_raster_grid(width, offset, positive):
+    # A strip over `width`% of the middle patch, starting `offset` px in: off the coarse grid
+    # (100/16 px), where the coarse raster alone read 19% as 25% and 21% as 18.75%.
+    coords = np.array([[0, 0], [100, 0], [200, 0], [100, 100]])
+    x0 = 100 + offset
+    fractions = patch_annotation_fractions(coords, 100, [_box(x0, 0, x0 + width, 100)])
+    assert fractions == pytest.approx([0, width / 100, 0, 0], abs=0.01)
+    assert (fractions > POSITIVE_AREA).tolist() == [False, positive, False, False]
+    # The same strip lying along y, in the patch below.
+    across = patch_annotation_fractions(coords, 100, [_box(100, 100 + offset, 200,
+                                                           100 + offset + width)])
+    assert across == pytest.approx([0, 0, 0, width / 100], abs=0.01)
+
+
+def test_a_thin_strip_between_raster_cells_is_measured():
+    # 2% of a patch inside one coarse cell (14 px), which the coarse raster reads as 0; and a
+    # square with a hole cut out.
+    coords = np.array([[0, 0], [224, 0]])
+    strip = _box(290.5, 0, 294.98, 224)
+    donut = {"type": "Polygon", "coordinates": [_box(0, 0, 224, 224)["coordinates"][0],
+                                                _box(56, 56, 168, 168)["coordinates"][0]]}
+    assert patch_annotation_fractions(coords, 224, [strip, donut]) == pytest.approx(
+        [0.75, 0.02], abs=0.01)
 
 
 # --- evaluation outputs, comparison, ablation -------------------------------------------------
@@ -333,9 +369,14 @@ def test_compare_models_side_by_side(cohort, evaluated, tmp_path):
     for m in names:
         assert auc.at[m, "pooled"] == pytest.approx(evaluated[m][0]["pooled"]["auc"])
         assert auc.at[m, "ci_low"] == pytest.approx(evaluated[m][0]["pooled_ci"]["auc"][0])
-    assert "attention_share_high" in set(table["metric"])
+    attention_rows = {f"attention_{k}" for k in ("max_weight_median", "share_high",
+                                                  "top1_positive", "top5_positive",
+                                                  "high_positive")}
+    assert attention_rows <= set(table["metric"])
     md = (tmp_path / "comparison.md").read_text()
     assert "| metric | srmil | abmil |" in md and "| AUC |" in md
+    # The toy cohort has no annotations, so the positive shares are undefined.
+    assert "| attention: highly attended patches positive | n/a | n/a |" in md
     assert pd.read_csv(tmp_path / "comparison.csv").shape == table.shape
     _image(tmp_path / "attention.png")
 
@@ -362,3 +403,55 @@ def test_three_class_roc_has_a_panel_per_class(tmp_path):
                      **{f"prob_{c}": v for c, v in zip(classes, p, strict=True)}})
     plot_roc(pd.DataFrame(rows), classes, tmp_path / "roc.png")
     assert _image(tmp_path / "roc.png").shape[1] > 3 * 400  # three panels side by side
+
+
+# --- heatmaps ---------------------------------------------------------------------------------
+
+
+def test_heatmap_of_a_hand_made_slide(tmp_path):
+    row = {"slide_id": "s", "path": "slides/s.tif", "patient_id": "p", "label": demo.NEGATIVE,
+           "annotation": ""}
+    demo.write_slide(tmp_path, row, 0, 7, width_px=1024, height_px=768, mpp=0.5)
+    slide = tmp_path / "slides" / "s.tif"
+    # Six 128 px patches read at level 0, two rows of three on the grid, over the tissue.
+    origin = np.array([384, 256])
+    coords = origin + np.array([[0, 0], [128, 0], [256, 0], [0, 128], [128, 128], [256, 128]])
+    plan = {"level": 0, "read_px": 128, "patch_px": 128, "patch_level0": 128.0,
+            "stride_level0": 128.0, "slide_width": 1024, "slide_height": 768}
+    write_tiles(tmp_path / "s.json", coords, np.ones(len(coords)), plan)
+    # Annotated: all of patch 1, 30% of patch 5 (positive) and 10% of patch 3 (not).
+    annotation = tmp_path / "s.geojson"
+    boxes = origin[[0, 1, 0, 1]] + np.array([[128, 0, 256, 128], [256, 128, 294.4, 256],
+                                             [0, 128, 12.8, 256]])
+    annotation.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": _box(*box)} for box in boxes.tolist()]}))
+    attention = np.array([0.05, 0.3, 0.1, 0.15, 0.05, 0.35])
+
+    top = draw_heatmap(tmp_path / "s.png", slide, tmp_path / "s.json", attention, annotation,
+                       title="s · srmil", top_k=8, max_px=256)
+    # All six (fewer than top_k), by weight; the tie 0.05 goes to the lower index.
+    assert top["top_index"] == [5, 1, 3, 2, 0, 4]
+    assert top["top_weight"] == pytest.approx([0.35, 0.3, 0.15, 0.1, 0.05, 0.05])
+    assert top["top_positive"] == [True, True, False, False, False, False]
+    assert positive_patches(coords, 128, annotation).tolist() == [False, True, False, False,
+                                                                   False, True]
+    # The annotation outline and the positive patches' frames are the image's pure red.
+    assert _red_pixels(_image(tmp_path / "s.png")) > 1000
+    # The montage shows the patches as read from the slide at level 0.
+    level0 = tifffile.imread(slide)
+    patches = read_patches(slide, coords, plan)
+    for (x, y), patch in zip(coords, patches, strict=True):
+        assert np.array_equal(patch, level0[y:y + 128, x:x + 128])
+    assert max(patch.std() for patch in patches) > 20  # some tissue, not only background
+
+    top3 = draw_heatmap(tmp_path / "t.png", slide, tmp_path / "s.json", attention, top_k=3)
+    assert top3["top_index"] == [5, 1, 3] and top3["top_positive"] == [False] * 3
+    assert _red_pixels(_image(tmp_path / "t.png")) == 0  # no annotation, nothing red
+    with pytest.raises(InputError, match=r"s\.json: 6 tiles but 5 attention weights"):
+        draw_heatmap(tmp_path / "u.png", slide, tmp_path / "s.json", attention[:5])
+    assert not (tmp_path / "u.png").exists()
+
+
+def _red_pixels(bgr):
+    b, g, r = (bgr[..., i].astype(int) for i in range(3))
+    return int(((r > 200) & (g < 60) & (b < 60)).sum())

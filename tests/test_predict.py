@@ -1,6 +1,7 @@
 """Prediction with the fold ensemble: it reproduces the evaluate stage's probabilities, works
-without labels, and refuses features from another extractor. (The whole chain from slide files,
-through Snakemake and `srmil predict`, runs in test_workflow.py.)"""
+without labels, records slides without patches, and refuses features from another extractor and
+graphs built with another window. (The whole chain from slide files, through Snakemake and
+`srmil predict`, runs in test_workflow.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from srmil.cli import main
 from srmil.data import make_splits
 from srmil.evaluate import evaluate_model
 from srmil.graph import grid_edges
-from srmil.predict import PredictError, check_store, predict_slides, prepare_slides
+from srmil.predict import (
+    PredictError,
+    check_store,
+    graph_window,
+    predict_slides,
+    prepare_slides,
+)
 from srmil.store import read_json, write_feature_store, write_graph_store
 from srmil.train import train_fold
 
@@ -24,8 +31,9 @@ ATTRS = {"extractor": "toy", "backbone": {"model": "toy"}, "weights_hash": "ab" 
 
 
 def write_cohort(root: Path, n_patients: int = 8, attrs: dict | None = None,
-                 seed: int = 0) -> tuple[pd.DataFrame, Path, Path]:
-    """Stores of a learnable toy task (class 1: a shifted cluster of patches) with `attrs`."""
+                 seed: int = 0, window: int = 1) -> tuple[pd.DataFrame, Path, Path]:
+    """Stores of a learnable toy task (class 1: a shifted cluster of patches) with `attrs`, and
+    graphs of `window`."""
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(n_patients):
@@ -39,7 +47,7 @@ def write_cohort(root: Path, n_patients: int = 8, attrs: dict | None = None,
         write_feature_store(root / "features" / f"{slide_id}.zarr", x, coords, attrs or ATTRS,
                             dtype="float32")
         write_graph_store(root / "graphs" / f"{slide_id}.zarr",
-                          grid_edges(coords, STRIDE, window=1), {"window": 1})
+                          grid_edges(coords, STRIDE, window=window), {"window": window})
         rows.append({"slide_id": slide_id, "path": "", "patient_id": f"P{p:02d}",
                      "label": f"class{label}", "annotation": "", "mpp": float("nan")})
     return pd.DataFrame(rows), root / "features", root / "graphs"
@@ -64,7 +72,8 @@ def test_predict_reproduces_evaluate_and_averages_the_folds(trained, tmp_path):
     root, samples, _, models_dir = trained
     table = predict_slides(samples, models_dir, root / "features", root / "graphs", tmp_path,
                            extractor="toy", device="cpu", threads=1)
-    assert table.equals(pd.read_csv(tmp_path / "predictions.csv"))
+    assert table.equals(pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False))
+    assert (table["skipped"] == "").all()
     evaluated = pd.read_csv(root / "eval" / "predictions.csv").set_index("slide_id")
     table = table.set_index("slide_id")
     for slide_id, row in evaluated.iterrows():
@@ -125,3 +134,54 @@ def test_cli_refuses_another_extractor_in_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err
     assert err.startswith("srmil predict: error:") and "'toy', not 'uni'" in err
+
+
+def test_predict_records_a_slide_without_patches(trained, tmp_path):
+    _, _, _, models_dir = trained
+    samples, features_dir, graphs_dir = write_cohort(tmp_path, n_patients=2)
+    # An empty bag as the stages leave it: empty stores, tiling's reason in the feature store.
+    write_feature_store(features_dir / "blank.zarr", np.zeros((0, 8), np.float32),
+                        np.zeros((0, 2)), {**ATTRS, "skipped": "no tissue found"},
+                        dtype="float32")
+    write_graph_store(graphs_dir / "blank.zarr", np.zeros((2, 0)), {"window": 1})
+    blank = {"slide_id": "blank", "path": "", "patient_id": "PB", "label": "",
+             "annotation": "", "mpp": float("nan")}
+    sheet = pd.concat([samples.iloc[:1], pd.DataFrame([blank]), samples.iloc[1:]])
+    table = predict_slides(sheet.assign(label=""), models_dir, features_dir, graphs_dir,
+                           tmp_path / "out", device="cpu", threads=1)
+
+    saved = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False)
+    assert list(saved["slide_id"]) == ["s00", "blank", "s01"]  # every slide, in sheet order
+    assert list(saved["skipped"]) == ["", "no tissue found", ""]
+    assert list(saved["prediction"])[1] == "" and list(saved["n_models"]) == [2, 0, 2]
+    empty = table.set_index("slide_id").loc["blank"]
+    assert np.isnan(empty.filter(like="prob_").to_numpy(dtype=float)).all()
+    assert table.drop(index=1).filter(like="prob_").notna().all().all()
+    assert list(saved.columns)[-1] == "skipped"
+
+
+def test_predict_refuses_graphs_built_with_another_window(trained, tmp_path):
+    _, _, _, models_dir = trained
+    meta = read_json(models_dir / "fold_0.json")
+    assert meta["provenance"]["graph"] == {"window": 1}
+    samples, features_dir, graphs_dir = write_cohort(tmp_path, n_patients=2, window=2)
+    with pytest.raises(PredictError, match=r"s00\.zarr: graph built with window=2, but the model "
+                                           r"in .* was trained on graphs with window=1"):
+        predict_slides(samples, models_dir, features_dir, graphs_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_builds_graphs_with_the_models_window(trained, cohort, tmp_path):
+    _, _, _, models_dir = trained
+    meta = read_json(models_dir / "fold_0.json")
+    assert graph_window(meta, {}, models_dir) == 1
+    assert graph_window(meta, {"graph": {"window": 1}}, models_dir) == 1
+    # A model from before graph provenance: the config's window, else the default.
+    old = {**meta, "provenance": {"features": meta["provenance"]["features"]}}
+    assert graph_window(old, {"graph": {"window": 3}}, models_dir) == 3
+    assert graph_window(old, {}, models_dir) == 2
+    with pytest.raises(PredictError, match=r"graph\.window=2 in the config, but the model in .* "
+                                           r"was trained on graphs with window=1"):
+        prepare_slides(cohort, meta, tmp_path / "work", {"graph": {"window": 2}},
+                       models_dir=models_dir)
+    assert not (tmp_path / "work").exists()  # refused before any slide was read

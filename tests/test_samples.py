@@ -34,8 +34,9 @@ def test_non_slide_file_is_refused(tmp_path: Path) -> None:
 def test_duplicate_ids_and_mixed_patient_labels(tmp_path: Path, cohort: pd.DataFrame) -> None:
     path = cohort["path"].iloc[0]
     dup = write_sheet(tmp_path / "d.csv", [{"slide_id": "a", "path": path, "label": "x"}] * 2)
-    with pytest.raises(SampleSheetError, match="listed twice"):
+    with pytest.raises(SampleSheetError, match=r"d\.csv: slide_id 'a' is listed twice") as err:
         read_sample_sheet(dup)
+    assert "\n" not in str(err.value)
     mixed = write_sheet(
         tmp_path / "m.csv",
         [
@@ -43,8 +44,45 @@ def test_duplicate_ids_and_mixed_patient_labels(tmp_path: Path, cohort: pd.DataF
             {"slide_id": "b", "path": path, "patient_id": "p", "label": "y"},
         ],
     )
-    with pytest.raises(SampleSheetError, match="different labels"):
+    with pytest.raises(SampleSheetError, match=r"m\.csv: patient 'p' has slides with different"
+                       ) as err:
         read_sample_sheet(mixed)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_annotation_names_the_file(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    rows = [{"slide_id": "a", "path": cohort["path"].iloc[0], "label": "x",
+             "annotation": "absent.geojson"}]
+    sheet = write_sheet(tmp_path / "s.csv", rows)
+    message = r"absent\.geojson: annotation of slide 'a' not found; fix its path in .*s\.csv"
+    with pytest.raises(SampleSheetError, match=message) as err:
+        read_sample_sheet(sheet)
+    assert "\n" not in str(err.value)
+
+
+def test_whitespace_around_cells_is_stripped(tmp_path: Path, cohort: pd.DataFrame) -> None:
+    """`tumour ` is the class `tumour` and `P0 ` the patient `P0`, quoted or not."""
+    path = cohort["path"].iloc[0]
+    sheet = tmp_path / "s.csv"
+    sheet.write_text(
+        "slide_id,path,patient_id,label\n"
+        f'" a ", " {path} ",P0 ,tumour \n'
+        f'b,{path}, " P0","  tumour"\n'
+        f'" c",{path} ,P1,"normal "\n',
+        encoding="utf-8",
+    )
+    df = read_sample_sheet(sheet)
+    assert list(df["slide_id"]) == ["a", "b", "c"]
+    assert list(df["patient_id"]) == ["P0", "P0", "P1"]
+    assert list(df["label"]) == ["tumour", "tumour", "normal"]
+    assert set(df["path"]) == {path}
+    # Stripped, `P0 ` and `P0` are one patient: its two labels are caught.
+    sheet.write_text(
+        f"slide_id,path,patient_id,label\na,{path},P0 ,tumour\nb,{path},P0,normal\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SampleSheetError, match="patient 'P0' has slides with different labels"):
+        read_sample_sheet(sheet)
 
 
 def test_missing_sheet(tmp_path: Path) -> None:
@@ -97,6 +135,26 @@ def test_unknown_label_when_classes_are_given(tmp_path: Path, cohort: pd.DataFra
     with pytest.raises(SampleSheetError, match=r"slide 'b' has label 'tumor', not one of classes"):
         read_sample_sheet(sheet, classes=["normal", "tumour"])
     assert len(read_sample_sheet(sheet)) == 2  # without a class list, any label is a class
+
+
+def test_labels_differing_only_in_case_need_a_class_list(
+    tmp_path: Path, cohort: pd.DataFrame
+) -> None:
+    path = cohort["path"].iloc[0]
+    rows = [
+        {"slide_id": "a", "path": path, "label": "tumour"},
+        {"slide_id": "b", "path": path, "label": "normal"},
+        {"slide_id": "c", "path": path, "label": "Tumour "},
+    ]
+    sheet = write_sheet(tmp_path / "s.csv", rows)
+    message = (r"s\.csv: labels 'tumour' and 'Tumour' differ only in case; make them identical, "
+               r"or list the classes you mean under classes in config\.yaml")
+    with pytest.raises(SampleSheetError, match=message) as err:
+        read_sample_sheet(sheet)
+    assert "\n" not in str(err.value)
+    # A class list decides: here `Tumour` is not one of them.
+    with pytest.raises(SampleSheetError, match=r"slide 'c' has label 'Tumour', not one of"):
+        read_sample_sheet(sheet, classes=["normal", "tumour"])
 
 
 def test_paths_with_spaces_and_non_ascii(tmp_path: Path, cohort: pd.DataFrame) -> None:

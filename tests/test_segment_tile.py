@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import yaml
 
 from srmil import demo, store
 from srmil.cli import main as cli_main
@@ -25,7 +26,14 @@ from srmil.segment import (
     view_downsample,
 )
 from srmil.slide import SlideError
-from srmil.tiling import TileParams, TileParamsError, tile_slide
+from srmil.tiling import (
+    TileParams,
+    TileParamsError,
+    grid_coords,
+    tile_slide,
+    tissue_fractions,
+)
+from srmil.tiling import params_from_dict as tile_params_from_dict
 
 
 def run_slide(slide: str | Path, out: Path, name: str, **kwargs) -> dict:
@@ -241,17 +249,80 @@ def test_read_plan_never_upsamples(special_dir: Path, segmented: dict, tmp_path:
 
 
 def test_tumour_tiles_are_kept(cohort_dir: Path, cohort: pd.DataFrame, segmented: dict) -> None:
+    """Every grid tile that overlaps the tumour annotation and has at least
+    min_tissue_fraction of true tissue is kept."""
+    n_checked = 0
     for row in cohort[cohort["label"] == "tumour"].itertuples():
         coords, _, plan = store.read_tiles(segmented[row.slide_id]["tiles"])
-        tumour = (
-            polygons_mask(
-                read_geojson_polygons(row.annotation),
-                truth_mask(cohort_dir, row.slide_id).shape,
-                16.0,
-            )
-            > 0
-        )
-        assert (box_means(tumour, coords, plan["patch_level0"]) > 0).any(), row.slide_id
+        truth = truth_mask(cohort_dir, row.slide_id)
+        tumour = polygons_mask(read_geojson_polygons(row.annotation), truth.shape, 16.0) > 0
+        grid = grid_coords(plan)
+        on_tumour = box_means(tumour, grid, plan["patch_level0"]) > 0
+        tissue = box_means(truth, grid, plan["patch_level0"])
+        expected = grid[on_tumour & (tissue >= plan["min_tissue_fraction"])]
+        kept = {tuple(c) for c in coords.tolist()}
+        missing = [tuple(c) for c in expected.tolist() if tuple(c) not in kept]
+        assert not missing, (row.slide_id, missing, len(expected))
+        n_checked += len(expected)
+    assert n_checked > 0
+
+
+def test_grid_near_tissue_gives_the_full_grids_tiles(
+    cohort: pd.DataFrame, segmented: dict
+) -> None:
+    """tile_slide only scores grid cells near tissue: the same tiles, in the same order and
+    with the same fractions, as scoring every cell of the slide."""
+    for row in cohort.itertuples():
+        coords, fraction, plan = store.read_tiles(segmented[row.slide_id]["tiles"])
+        grid = grid_coords(plan)
+        polygons = read_geojson_polygons(segmented[row.slide_id]["geojson"])
+        full = tissue_fractions(grid, plan, polygons)
+        keep = full >= plan["min_tissue_fraction"]
+        assert len(coords) < len(grid)
+        assert np.array_equal(coords, grid[keep]), row.slide_id
+        assert np.array_equal(fraction, np.round(full[keep], 4)), row.slide_id
+
+
+def test_strips_and_windows_change_nothing(
+    cohort: pd.DataFrame, special_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The view's channels computed in strips, the polygon mask made over a window, and the
+    tissue fractions summed in strips equal the whole-array results bit for bit."""
+    import openslide
+
+    from srmil import segment, tiling
+
+    for path in (cohort.iloc[0].path, special_dir / "slides/pen.tif"):
+        with openslide.OpenSlide(str(path)) as slide:
+            rgb = segment.thumbnail(slide, 4.0)
+        params = SegmentParams()
+        whole = segment.view_channels(rgb, 2.0, params)
+        monkeypatch.setattr(segment, "STRIP_ROWS", 37)
+        strips = segment.view_channels(rgb, 2.0, params)
+        monkeypatch.undo()
+        for a, b in zip(whole, strips, strict=True):
+            assert np.array_equal(a, b)
+        assert whole[2].any() == ("pen" in str(path))  # the pen slide exercises the ink mask
+    rng = np.random.default_rng(0)
+    shape = (300, 400)
+    for _ in range(50):  # random polygons, some crossing the mask's edges
+        centre, radius = rng.uniform(-50, 450, 2) * 8, rng.uniform(2, 80) * 8
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 12))
+        radii = radius * rng.uniform(0.5, 1, (12, 1))
+        ring = (centre + radii * np.c_[np.cos(angles), np.sin(angles)]).round(1).tolist()
+        polygon = {"coordinates": [ring + ring[:1]]}
+        full = polygons_mask([polygon], shape, 8.0)
+        window = segment.polygons_window([polygon], shape, 8.0)
+        y0, y1, x0, x1 = window
+        part = polygons_mask([polygon], shape, 8.0, window)
+        assert np.array_equal(full[y0:y1, x0:x1], part)
+        assert full.sum() == part.sum()  # nothing outside the window
+    mask = (rng.random(shape) < 0.5).astype(np.uint8)
+    x0, y0 = rng.integers(0, 380, 200), rng.integers(0, 280, 200)
+    x1, y1 = x0 + rng.integers(0, 20, 200), y0 + rng.integers(0, 20, 200)
+    expected = [mask[b:d, a:c].sum() for a, b, c, d in zip(x0, y0, x1, y1, strict=True)]
+    monkeypatch.setattr(tiling, "SUM_STRIP_ROWS", 7)
+    assert np.array_equal(tiling.box_sums(mask, x0, y0, x1, y1), expected)
 
 
 def test_rerun_is_identical(cohort: pd.DataFrame, segmented: dict, tmp_path: Path) -> None:
@@ -398,3 +469,82 @@ def test_per_slide_overrides_from_the_sheet(cohort_dir: Path, tmp_path: Path) ->
     sheet.to_csv(tmp_path / "bad2.csv", index=False)
     with pytest.raises(SampleSheetError, match="'segment_colour' names no segmentation"):
         read_sample_sheet(tmp_path / "bad2.csv")
+    sheet = sheet.drop(columns="segment_colour")
+    # Values that parse but lie outside the setting's range stop with the sheet, column, slide
+    # and what is allowed, instead of an empty slide (threshold 300) or a crash (max_view_px 0).
+    for column, value, allowed in (
+        ("segment_threshold", "300", '"otsu" or an integer 0-255'),
+        ("segment_max_view_px", "0", "an integer >= 64"),
+        ("segment_min_tissue_area_um2", "-1", "a number >= 0"),
+        ("segment_median_um", "nan", "a number >= 0"),
+    ):
+        sheet.assign(**{column: ["", value, "", ""]}).to_csv(tmp_path / "range.csv", index=False)
+        with pytest.raises(SampleSheetError) as err:
+            read_sample_sheet(tmp_path / "range.csv")
+        slide_id = sheet["slide_id"].iloc[1]
+        assert str(err.value).startswith(str(tmp_path / "range.csv"))
+        assert f"{column} {value!r} of slide {slide_id!r}" in str(err.value)
+        assert allowed in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("threshold", 300, '"otsu" or an integer 0-255'),
+        ("threshold", "Otsu", '"otsu" or an integer 0-255'),
+        ("max_view_px", 0, "an integer >= 64"),
+        ("min_tissue_area_um2", -1, "a number >= 0"),
+        ("median_um", float("nan"), "a number >= 0"),
+        ("seg_mpp", 0, "a number > 0"),
+        ("exclude_pen", "yes", "true or false"),
+    ],
+)
+def test_out_of_range_settings_are_refused(name: str, value: object, allowed: str) -> None:
+    with pytest.raises(SegmentParamsError) as err:
+        params_from_dict({name: value}, "--params of srmil segment")
+    assert str(err.value) == (
+        f"--params of srmil segment: {name} {value!r} must be {allowed}; fix it there"
+    )
+    with pytest.raises(SegmentParamsError, match=f"segment.{name} "):
+        SegmentParams(**{name: value})
+    assert params_from_dict({"max_view_px": 8192.0}).max_view_px == 8192  # a whole float is fine
+
+
+def test_bad_segment_params_on_the_command_line(
+    cohort: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`srmil segment --params` with max_view_px 0 used to end in a ZeroDivisionError."""
+    row = cohort.iloc[0]
+    base = ["segment", "--slide", row.path, "--out", str(tmp_path / "a.geojson")]
+    for params in ('{"max_view_px": 0}', '{"threshold": "Otsu"}', '{"close_um": -1}'):
+        code = cli_main([*base, "--qc", str(tmp_path / "a.png"), "--params", params])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, lines
+        assert "--params of srmil segment: " in lines[0] and "must be" in lines[0]
+    assert not (tmp_path / "a.geojson").exists()
+
+
+def test_tile_settings_are_checked(cohort: pd.DataFrame, segmented: dict, tmp_path: Path) -> None:
+    row = cohort.iloc[0]
+    plan = tile_slide(
+        row.path, segmented[row.slide_id]["geojson"], tmp_path / "t.json", TileParams(stride_px=112)
+    )
+    coords, _, _ = store.read_tiles(tmp_path / "t.json")
+    assert plan["stride_level0"] == pytest.approx(112) and plan["patch_level0"] == 224
+    assert np.array_equal(coords % 112, np.zeros_like(coords))
+    # Both a stride and an overlap: refused instead of ignoring the overlap.
+    with pytest.raises(TileParamsError, match="overlap_px 56 must be 0 when tile.stride_px"):
+        TileParams(stride_px=112, overlap_px=56)
+    for values, message in (
+        ({"stride_px": 112, "overlap_px": 56}, "overlap_px 56 must be 0 when tile.stride_px"),
+        ({"stride_px": 0}, "stride_px 0 must be null or an integer >= 1"),
+        ({"patch_px": -1}, "patch_px -1 must be an integer >= 16"),
+        ({"target_mpp": float("nan")}, "target_mpp nan must be a number > 0"),
+        ({"min_tissue_fraction": 1.5}, "min_tissue_fraction 1.5 must be a number 0-1"),
+    ):
+        with pytest.raises(TileParamsError, match=f"^config.yaml tile: {message}"):
+            tile_params_from_dict(values)
+    # The default config's tile section is valid (stride_px null, overlap_px 0).
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    tile_params_from_dict(config["tile"])
+    params_from_dict(config["segment"])

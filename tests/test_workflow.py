@@ -237,3 +237,13 @@ def test_report_renders_with_the_plots(run: Path) -> None:
     assert len(html) > 100_000
     for caption in ("Attention diagnostics", "Attention heatmaps", "Mask-ratio ablation"):
         assert caption in html, caption
+    # The captions of workflow/report/*.rst, with their wildcards filled in.
+    for model in ("srmil", "abmil"):
+        slide = sorted((run / f"results/eval/{model}/resnet18/heatmaps").glob("*.png"))[0].stem
+        for caption in (
+            f"ROC curves of {model} on resnet18 features",
+            f"Confusion matrix of {model} on resnet18 features",
+            f"Training curves of {model} on resnet18 features",
+            f"Attention of {model} (resnet18 features) on test slide {slide},",
+        ):
+            assert caption in html, caption

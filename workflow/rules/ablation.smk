@@ -25,11 +25,23 @@ rule ablation_evaluate:
             "results/ablation/{{model}}/{{extractor}}/mask_{{ratio}}/fold_{fold}.pt",
             fold=FOLDS,
         ),
+        attention=expand(
+            "results/ablation/{{model}}/{{extractor}}/mask_{{ratio}}/fold_{fold}.attention.json",
+            fold=FOLDS,
+        ),
         features=feature_stores,
         graphs=graph_stores,
     output:
+        # What evaluate_model writes, less the heatmaps (no --tiles-dir here); only the
+        # summary's mask_ratio.png goes into the report.
         metrics="results/ablation/{model}/{extractor}/mask_{ratio}/eval/metrics.json",
         predictions="results/ablation/{model}/{extractor}/mask_{ratio}/eval/predictions.csv",
+        roc="results/ablation/{model}/{extractor}/mask_{ratio}/eval/roc.png",
+        confusion="results/ablation/{model}/{extractor}/mask_{ratio}/eval/confusion.png",
+        curves="results/ablation/{model}/{extractor}/mask_{ratio}/eval/training_curves.png",
+        diagnostics=(
+            "results/ablation/{model}/{extractor}/mask_{ratio}/eval/attention_diagnostics.png"
+        ),
     log:
         "logs/ablation/{model}/{extractor}/mask_{ratio}/evaluate.log",
     benchmark:

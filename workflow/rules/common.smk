@@ -10,10 +10,25 @@ from snakemake.utils import validate
 from srmil.data import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
-from srmil.samples import read_sample_sheet
+from srmil.samples import check_row_files, read_sample_sheet
 
 DEMO_SHEET = Path(config["demo"]["out_dir"]) / "samples.csv"
 IS_DEMO = Path(config["samples"]).resolve() == DEMO_SHEET.resolve()
+
+
+def keep_going_requested():
+    """--keep-going (or -k) on the command line: Snakemake's settings are not set yet while
+    the workflow is parsed."""
+    short = [
+        a[1:] for a in sys.argv[1:] if a.startswith("-") and not a.startswith("--")
+    ]
+    return "--keep-going" in sys.argv or any(a.isalpha() and "k" in a for a in short)
+
+
+# With --keep-going a bad slide file fails only its own jobs, not the whole run (below).
+# Job processes (a cluster job parses the workflow again) leave the files to the main one.
+KEEP_GOING = workflow.is_main_process and keep_going_requested()
+CHECK_FILES = workflow.is_main_process and not KEEP_GOING
 
 
 def load_samples():
@@ -33,8 +48,21 @@ def load_samples():
         ]
         sheet["mpp"] = float("nan")
         return sheet
-    sheet = read_sample_sheet(config["samples"], classes=config.get("classes"))
+    sheet = read_sample_sheet(
+        config["samples"], check_files=CHECK_FILES, classes=config.get("classes")
+    )
     validate(sheet, "../schemas/samples.schema.yaml")
+    if KEEP_GOING:
+        # A missing or unreadable file fails only its slide's segment job (one line in its
+        # log), as a slide that turns out unreadable later does; the other slides go on.
+        for row in sheet.itertuples():
+            try:
+                check_row_files(row, config["samples"])
+            except InputError as err:
+                print(
+                    f"srmil: warning: {err} (--keep-going: its jobs will fail)",
+                    file=sys.stderr,
+                )
     return sheet
 
 
@@ -86,12 +114,16 @@ def as_json(value):
 
 
 def slide_path(wildcards):
-    return SAMPLES.loc[wildcards.slide, "path"]
+    path = SAMPLES.loc[wildcards.slide, "path"]
+    # Only with --keep-going can it be missing: the job then fails, not the whole DAG.
+    return path if not KEEP_GOING or Path(path).is_file() else []
 
 
 def slide_annotation(wildcards):
     annotation = SAMPLES.loc[wildcards.slide, "annotation"]
-    return [annotation] if annotation else []
+    if not annotation or (KEEP_GOING and not Path(annotation).is_file()):
+        return []
+    return [annotation]
 
 
 def slide_mpp(wildcards):

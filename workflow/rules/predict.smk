@@ -51,6 +51,8 @@ use rule extract_features as predict_extract_features with:
         slide=PREDICT_SLIDE,
 
 
+# graph.window as for the cohort's graphs, which the models were trained on; `srmil predict`
+# refuses graph stores whose parameters differ from the model's provenance.
 use rule build_graph as predict_build_graph with:
     input:
         "results/predict/tiles/{slide}.json",

@@ -22,6 +22,9 @@ rule segment_slide:
         mem_mb=scaled(4000),
         runtime=scaled(15),
     params:
+        # the sheet's paths, which the command checks (inputs leave out missing files)
+        slide=lambda wc: SAMPLES.loc[wc.slide, "path"],
+        annotation=lambda wc: SAMPLES.loc[wc.slide, "annotation"],
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
         # config.yaml's segment section with this slide's sample-sheet overrides
@@ -29,7 +32,7 @@ rule segment_slide:
             {**config["segment"], **segment_overrides(SAMPLES.loc[wc.slide])}
         ),
     shell:
-        "srmil segment --slide {input.slide:q} --annotation={input.annotation:q}"
+        "srmil segment --slide {params.slide:q} --annotation={params.annotation:q}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
         " --out {output.geojson} --qc {output.qc} > {log} 2>&1"
 

@@ -1,3 +1,6 @@
+from srmil.data import train_memory_mb
+
+
 rule splits:
     input:
         samples=config["samples"],
@@ -43,8 +46,16 @@ rule train_fold:
         "../../envs/srmil.yaml"
     threads: config["train"]["threads"]
     resources:
-        # the cohort's features and graphs are held in memory (~25 MB a slide at 512-d)
-        mem_mb=scaled(4000, per_slide=25),
+        # train.mem_mb, or auto: from the shapes of the cohort's stores (the largest bag's step,
+        # all bags held; ~9500 MB for a 100k-patch SRMIL bag at D = 512), read when the job is
+        # ready (before the features exist: the minimum); doubled on each retry
+        mem_mb=lambda wildcards, input, attempt: attempt
+        * train_memory_mb(
+            wildcards.model,
+            input.features,
+            input.graphs,
+            config["train"].get("mem_mb", "auto"),
+        ),
         runtime=scaled(60, per_slide=0.5),
     params:
         features_dir=lambda wildcards, input: stores_dir(input.features),
