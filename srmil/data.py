@@ -86,7 +86,7 @@ def train_memory_mb(model_name: str, feature_stores: list[str | os.PathLike],
     (config.yaml's train.mem_mb) is returned as it is.
 
     The peak is the libraries, every bag held as float32 with its int64 edges, and the larger of
-    one step on the largest bag and the scaler's float64 copies of all bags. Stores not written
+    one step on the largest bag and the scaler's float64 pass over it. Stores not written
     yet are left out (at least MIN_TRAIN_MIB), so the workflow can ask before the features exist
     and again when they do.
     """
@@ -103,7 +103,7 @@ def train_memory_mb(model_name: str, feature_stores: list[str | os.PathLike],
     n_max, d_max = max(n for n, _ in sizes), max(d for _, d in sizes)
     intercept, per_dim = STEP_MIB_PER_100K.get(model_name, STEP_MIB_PER_100K["srmil"])
     step = n_max / 1e5 * (intercept + per_dim * d_max)
-    scaler = 16 * values / 2**20  # a float64 copy of every bag, then their concatenation
+    scaler = 24 * n_max * d_max / 2**20  # float64 copies of one bag at a time (FeatureScaler)
     return max(MIN_TRAIN_MIB, int(np.ceil(LIBRARIES_MIB + held + max(step, scaler))))
 
 

@@ -33,13 +33,15 @@ def read_patches(slide_path: str | os.PathLike, coords_level0: np.ndarray,
     """RGB uint8 patches at the target resolution, read as the features step read them."""
     import cv2
 
-    from srmil.slide import open_slide, to_rgb
+    from srmil.slide import open_slide, read_region, to_rgb
 
     level, read_px, patch_px = int(plan["level"]), int(plan["read_px"]), int(plan["patch_px"])
     patches = []
     with open_slide(slide_path) as slide:
         for x, y in np.asarray(coords_level0, dtype=np.int64):
-            rgb = to_rgb(slide.read_region((int(x), int(y)), level, (read_px, read_px)))
+            # a damaged tile: one line naming the file, as in the features step
+            region = read_region(slide, (int(x), int(y)), level, (read_px, read_px), slide_path)
+            rgb = to_rgb(region)
             if read_px != patch_px:
                 rgb = cv2.resize(rgb, (patch_px, patch_px), interpolation=cv2.INTER_AREA)
             patches.append(rgb)

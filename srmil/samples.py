@@ -81,6 +81,14 @@ def read_sample_sheet(
         raise SampleSheetError(
             f"{sheet}: slide_id {dup.iloc[0]!r} is listed twice; give each slide a unique id"
         )
+    # Ids name result files: on a case-insensitive file system (macOS, Windows) A1 and a1 collide.
+    folded = df["slide_id"].str.casefold()
+    if folded.duplicated().any():
+        twins = df.loc[folded == folded[folded.duplicated()].iloc[0], "slide_id"].tolist()
+        raise SampleSheetError(
+            f"{sheet}: slide ids {twins[0]!r} and {twins[1]!r} differ only in case, which "
+            "collides on case-insensitive file systems; rename one of them"
+        )
     placeholder = df["label"].str.lower().isin(MISSING_LABELS)
     if placeholder.any():
         row = df.loc[placeholder].iloc[0]

@@ -12,6 +12,7 @@ import torch_geometric
 
 from srmil.graph import grid_edges
 from srmil.models import MODEL_NAMES, MILOutput, build_model, default_hparams, gat
+from srmil.models.base import FeatureScaler
 from srmil.models.gat import SparseGATConv, SparseGraph, _AttentionAggregate
 
 # Every variant the trainer can build: (model name, hparams overrides).
@@ -428,3 +429,19 @@ def test_multiclass_and_feature_sizes_learn():
     with torch.no_grad():
         predicted = [int(model(x, edges).logits.argmax()) for x, _ in bags]
     assert predicted == [0, 1, 2, 3, 4]
+
+
+def test_feature_scaler_fits_bag_by_bag_as_on_the_whole_cohort() -> None:
+    """One bag at a time (no float64 copy of the cohort) gives the statistics of all patches at
+    once; empty bags are ignored; with no patches at all it stays the identity."""
+    gen = torch.Generator().manual_seed(0)
+    bags = [torch.randn(n, 6, generator=gen) * 0.01 + 50.0 for n in (7, 0, 1, 30, 12)]
+    scaler = FeatureScaler(6)
+    scaler.fit(bags)
+    x = torch.cat(bags).double()
+    assert torch.allclose(scaler.mean.double(), x.mean(0), rtol=0, atol=1e-5)
+    assert torch.allclose(scaler.std.double(), x.std(0, unbiased=False), rtol=1e-5, atol=0)
+    assert torch.allclose(scaler(bags[3]).mean(), torch.tensor(0.0), atol=0.5)
+    identity = FeatureScaler(6)
+    identity.fit([torch.zeros(0, 6)])
+    assert torch.equal(identity.mean, torch.zeros(6)) and torch.equal(identity.std, torch.ones(6))

@@ -37,6 +37,11 @@ def test_duplicate_ids_and_mixed_patient_labels(tmp_path: Path, cohort: pd.DataF
     with pytest.raises(SampleSheetError, match=r"d\.csv: slide_id 'a' is listed twice") as err:
         read_sample_sheet(dup)
     assert "\n" not in str(err.value)
+    cased = write_sheet(tmp_path / "c.csv", [{"slide_id": "A1", "path": path, "label": "x"},
+                                             {"slide_id": "a1", "path": path, "label": "x"}])
+    with pytest.raises(SampleSheetError, match=r"c\.csv: slide ids 'A1' and 'a1' differ only in "
+                       "case"):
+        read_sample_sheet(cased)
     mixed = write_sheet(
         tmp_path / "m.csv",
         [

@@ -49,10 +49,23 @@ class FeatureScaler(nn.Module):
 
     @torch.no_grad()
     def fit(self, bags: list[Tensor], eps: float = 1e-6) -> None:
-        """Set mean and std from all patches of `bags` (each (N, D))."""
-        x = torch.cat([b.to(self.mean.device, torch.float64) for b in bags])
-        self.mean.copy_(x.mean(0).float())
-        self.std.copy_(x.std(0, unbiased=False).clamp_min(eps).float())
+        """Set mean and std from all patches of `bags` (each (N, D)), one bag at a time in
+        float64 (Chan et al.'s pairwise update), so no copy of the whole cohort is made."""
+        n, mean = 0, torch.zeros_like(self.mean, dtype=torch.float64)
+        m2 = torch.zeros_like(mean)
+        for bag in bags:
+            if len(bag) == 0:
+                continue
+            x = bag.to(mean.device, torch.float64)
+            k, bag_mean = len(x), x.mean(0)
+            delta, total = bag_mean - mean, n + k
+            mean += delta * (k / total)
+            m2 += ((x - bag_mean) ** 2).sum(0) + delta**2 * (n * k / total)
+            n = total
+        if n == 0:
+            return
+        self.mean.copy_(mean.float())
+        self.std.copy_((m2 / n).sqrt().clamp_min(eps).float())
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
