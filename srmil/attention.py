@@ -59,18 +59,19 @@ def _crossed_by_an_edge(coords_level0: np.ndarray, patch_level0: float,
     """Boolean (N,): patches that a polygon edge may cross (never misses one; may add a few)."""
     import cv2
 
+    from srmil.tiling import box_sums
+
     cell = max(patch_level0 / 4, float(extent.max()) / EDGE_MAX_SIDE)
     shape = (int(np.ceil(extent[1] / cell)) + 1, int(np.ceil(extent[0] / cell)) + 1)
     edges = np.zeros(shape, np.uint8)
     lines = [np.round((r / cell - 0.5) * 16).astype(np.int32) for poly in rings for r in poly]
     # Three pixels wide, so that an edge that only clips a pixel's corner still marks it.
     cv2.polylines(edges, lines, True, 1, 3, cv2.LINE_8, 4)
-    sat = cv2.integral(edges)
     x0, y0 = np.floor(coords_level0 / cell).astype(np.int64).T
     x1, y1 = np.ceil((coords_level0 + patch_level0) / cell).astype(np.int64).T
     x0, x1 = np.clip(x0, 0, shape[1]), np.clip(x1, 0, shape[1])
     y0, y1 = np.clip(y0, 0, shape[0]), np.clip(y1, 0, shape[0])
-    return (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]) > 0
+    return box_sums(edges, x0, y0, x1, y1) > 0
 
 
 def _patch_fraction(origin: np.ndarray, patch_level0: float,

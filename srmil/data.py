@@ -18,7 +18,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from srmil.errors import InputError
-from srmil.store import read_feature_store, read_graph_store
+from srmil.store import read_feature_store, read_graph_store, read_json
 
 
 @dataclass
@@ -113,8 +113,7 @@ def _array_shape(store: Path, name: str) -> tuple[int, ...] | None:
     meta = store / name / "zarr.json"
     if not (store / "zarr.json").is_file() or not meta.is_file():
         return None
-    with open(meta, encoding="utf-8") as f:
-        return tuple(int(n) for n in json.load(f)["shape"])
+    return tuple(int(n) for n in read_json(meta)["shape"])
 
 
 def make_splits(samples: pd.DataFrame, n_folds: int = 3, val_fraction: float = 0.2,
