@@ -7,7 +7,9 @@ pipeline keeps. The two are measured alternately slide by slide, `--repeats` tim
 median ratio is reported (per repeat from summed times, and over adjacent slide pairs), so
 load from other processes on a shared machine hits both sides. The ratio of process CPU time
 (forward / pipeline) is reported beside it: the pipeline's extra work, less sensitive to load
-(reader processes, used on GPUs, are not counted in it).
+(reader processes, used on GPUs, are not counted in it). Both sides run with the allocator
+setting `srmil features` uses (freed memory retained, srmil.device.retain_freed_memory), or
+both without it (`--malloc-defaults`).
 
     python benchmarks/features.py --models resnet18 resnet50          # CPU, the default
     python benchmarks/features.py --device cuda --amp bf16 --batch-size 256
@@ -29,6 +31,7 @@ import torch
 from srmil import store
 from srmil.backbones import load_backbone
 from srmil.demo import write_demo
+from srmil.device import retain_freed_memory
 from srmil.features import (
     ChunkDataset,
     amp_dtype,
@@ -202,7 +205,8 @@ def environment(args) -> dict[str, Any]:
 def markdown(env: dict[str, Any], results: list[dict[str, Any]], extra: str = "") -> str:
     lines = [
         f"device {env['device_name']}, torch {env['torch']}, {env['torch_threads']} threads, "
-        f"readers {env['readers']}, AMP {env['amp']}, batch {env['batch_size']}",
+        f"readers {env['readers']}, AMP {env['amp']}, batch {env['batch_size']}, "
+        f"allocator {env['allocator']}",
         "",
         "| model | patches/repeat | forward-only patches/s | pipeline patches/s | ratio (median) "
         "| ratio per repeat | median of slide pairs (n) | CPU-time ratio (median) |",
@@ -235,6 +239,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", default="auto")
     p.add_argument("--read-block", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's allocator settings as they are (srmil features retains freed memory, "
+        "which speeds up the forward pass; both sides are measured with the same setting)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
     return p.parse_args(argv)
@@ -245,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(args)
+    # As `srmil features` runs (process-wide, so the forward-only side gets it too).
+    retained = not args.malloc_defaults and retain_freed_memory()
+    env = {**environment(args), "allocator": "freed memory retained" if retained else "defaults"}
     print(json.dumps(env), flush=True)
     with tempfile.TemporaryDirectory(prefix="srmil-bench-") as tmp:
         work = Path(tmp)

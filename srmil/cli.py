@@ -99,6 +99,9 @@ def cmd_tile(args: argparse.Namespace) -> None:
 
 def cmd_features(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
+    from srmil.device import retain_freed_memory
+
+    retain_freed_memory()  # this process extracts one slide, then exits
     from srmil.backbones import load_backbone
     from srmil.features import extract_features
 

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ MIN_BLOCK_FILL = 0.5
 # Tiles per reader work item (see split_chunks), for reader processes and for one thread.
 READ_CHUNK = 32
 THREAD_CHUNK = 8
+_OPEN_LOCK = threading.Lock()
 
 
 def plan_batches(
@@ -118,7 +120,9 @@ class ChunkDataset(Dataset):
 
     def _read_group(self, idx: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         if self._slide is None:
-            self._slide = open_slide(self.slide_path)
+            with _OPEN_LOCK:  # reader threads share one handle (OpenSlide is thread-safe)
+                if self._slide is None:
+                    self._slide = open_slide(self.slide_path)
         xy = self.coords[idx[rows]]
         x0, y0 = xy.min(0)
         # Offsets at the read level; at level 0 (or integer offsets) crops equal single reads.
@@ -168,16 +172,19 @@ def usable_cpus() -> int:
 def preprocess(batch_uint8: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> normalised (B, 3, h, w) float, channels-last, at the model's input
     size, with the model's mean, std and interpolation."""
-    # The permuted view keeps NHWC strides, so the float copy is already channels-last.
-    x = batch_uint8.permute(0, 3, 1, 2).float()
+    # The permuted view keeps NHWC strides, so the float result is already channels-last.
+    x = batch_uint8.permute(0, 3, 1, 2)
     size = tuple(data_config["input_size"][1:])
     if tuple(x.shape[-2:]) != size:
         mode = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
+        x = F.interpolate(x.float(), size=size, mode=mode, antialias=True, align_corners=False)
         x = x.contiguous(memory_format=torch.channels_last)
-    mean = torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) * 255
-    scale = 1 / (torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1) * 255)
-    return x.sub_(mean).mul_(scale)
+    std = torch.tensor(data_config["std"], device=x.device).view(1, 3, 1, 1)
+    scale = 1 / (std * 255)
+    shift = -torch.tensor(data_config["mean"], device=x.device).view(1, 3, 1, 1) / std
+    # (x/255 - mean)/std as x*scale + shift in one pass, uint8 in and float out (no float copy
+    # first): 0.16 instead of 0.25 ms of CPU per 224-px patch.
+    return torch.addcmul(shift, x, scale)
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
@@ -198,9 +205,14 @@ class Readers:
     """
 
     def __init__(
-        self, dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
+        self,
+        dataset: ChunkDataset,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch: int = 4,
+        start_chunks: int = 1,
     ):
-        self._pool = None
+        self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
         if num_workers > 0:
             self._it = iter(
                 DataLoader(
@@ -213,22 +225,30 @@ class Readers:
             )
             return
         # One reader thread: OpenSlide decodes with the GIL released, beside torch's threads.
+        # The first `start_chunks` (the first batch) are spread over one thread per core: the
+        # model waits for them with the cores idle (half the wait on two cores).
         self._dataset, self._pin = dataset, pin_memory
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="srmil-read")
+        self._start_chunks = start_chunks
+        self._pools = [
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="srmil-read")
+            for _ in range(max(1, min(start_chunks, usable_cpus())))
+        ]
         self._ahead: collections.deque = collections.deque()
         self._next = 0
         self._submit(prefetch)
 
     def _submit(self, n: int) -> None:
         for _ in range(min(n, len(self._dataset) - self._next)):
-            self._ahead.append(self._pool.submit(self._dataset.__getitem__, self._next))
+            i = self._next
+            pool = self._pools[i % len(self._pools) if i < self._start_chunks else 0]
+            self._ahead.append(pool.submit(self._dataset.__getitem__, i))
             self._next += 1
 
     def __iter__(self) -> Readers:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pool is None:
+        if not self._pools:
             return next(self._it)
         if not self._ahead:
             raise StopIteration
@@ -237,15 +257,19 @@ class Readers:
         return (x.pin_memory(), idx) if self._pin else (x, idx)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
         self._it = None  # a DataLoader iterator stops its workers when dropped
 
 
 def iterate_chunks(
-    dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
+    dataset: ChunkDataset,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch: int = 4,
+    start_chunks: int = 1,
 ) -> Readers:
-    return Readers(dataset, num_workers, pin_memory, prefetch)
+    return Readers(dataset, num_workers, pin_memory, prefetch, start_chunks)
 
 
 def iterate_batches(
@@ -292,8 +316,9 @@ def extract_features(
     # first batch waits for fewer reads).
     chunk = READ_CHUNK if workers else THREAD_CHUNK
     dataset = ChunkDataset(str(slide_path), coords, plan, split_chunks(batches, chunk), read_block)
+    first = -(-min(batch_size, len(coords)) // chunk)  # chunks of the first batch
     prefetch = 4 if workers else 2 * -(-batch_size // chunk)  # the thread: two batches
-    readers = Readers(dataset, workers, pin_memory=dev.type == "cuda", prefetch=prefetch)
+    readers = Readers(dataset, workers, dev.type == "cuda", prefetch, start_chunks=first)
     try:
         autocast = amp_dtype(dev, amp)  # may initialise CUDA: after the readers are forked
         if dev.type == "cuda":

@@ -183,8 +183,15 @@ def write_feature_store(
         group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(rows, 2))[...] = (
             coords_level0
         )
-        group.attrs.update(json.loads(json.dumps(attrs, default=_json_default)))
-        group.attrs[COMPLETE_ATTR] = True
+        _finish(group, attrs)
+
+
+def _finish(group: Any, attrs: dict[str, Any]) -> None:
+    """Write the attributes and the completeness flag, after the arrays, in one update: zarr's
+    `attrs.update` rewrites the group's metadata once per key (14 ms for a feature store's)."""
+    group.update_attributes(
+        {**json.loads(json.dumps(attrs, default=_json_default)), COMPLETE_ATTR: True}
+    )
 
 
 def read_store_attrs(path: str | os.PathLike, step: str = "features") -> dict[str, Any]:
@@ -235,8 +242,7 @@ def write_graph_store(
         group.create_array(
             "edge_index", shape=(2, e), dtype="int64", chunks=(2, max(1, min(e, 1 << 20)))
         )[...] = edge_index
-        group.attrs.update(json.loads(json.dumps(attrs, default=_json_default)))
-        group.attrs[COMPLETE_ATTR] = True
+        _finish(group, attrs)
 
 
 def read_graph_store(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:

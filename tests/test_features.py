@@ -3,6 +3,9 @@ naming a backbone: timm name, hf-hub repo in an offline cache, local checkpoint,
 
 import json
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -19,6 +22,7 @@ from srmil.features import (
     ChunkDataset,
     extract_features,
     plan_batches,
+    preprocess,
     resolve_workers,
     split_chunks,
     usable_cpus,
@@ -105,26 +109,54 @@ def test_store_reads_through_fsspec_urls(resnet18_store: Path) -> None:
 
 
 def test_features_are_bitwise_reproducible(tiles: tuple[str, Path], tmp_path: Path) -> None:
-    """Same inputs and seed, different readers (thread vs process) and read plans."""
+    """Same inputs and seed, different readers (thread vs process) and read plans. With batch 24
+    the first batch is three thread chunks, read by one thread per core."""
     slide, tiles_json = tiles
-    for name, workers, block in (("a", 0, 1), ("b", 1, 1), ("c", 0, 4)):
+    runs = (("a", 0, 1, 8), ("b", 1, 1, 8), ("c", 0, 4, 8), ("d", 0, 1, 24), ("e", 1, 1, 24))
+    for name, workers, block, batch in runs:
         extract_features(
             slide,
             tiles_json,
             tmp_path / f"{name}.zarr",
             load_backbone(SPEC, seed=0),
             "resnet18",
-            batch_size=8,
+            batch_size=batch,
             num_workers=workers,
             read_block=block,
             dtype="float32",
             progress=False,
         )
-    a, _, attrs_a = store.read_feature_store(tmp_path / "a.zarr")
-    for name in ("b", "c"):
-        b, _, attrs_b = store.read_feature_store(tmp_path / f"{name}.zarr")
-        assert a.tobytes() == b.tobytes(), name
+    for first, other in (("a", "b"), ("a", "c"), ("d", "e")):
+        a, _, attrs_a = store.read_feature_store(tmp_path / f"{first}.zarr")
+        b, _, attrs_b = store.read_feature_store(tmp_path / f"{other}.zarr")
+        assert a.tobytes() == b.tobytes(), other
         assert attrs_a["weights_hash"] == attrs_b["weights_hash"]
+
+
+def test_preprocess_normalises_with_the_models_config() -> None:
+    """(x/255 - mean)/std per channel, channels-last, resized to the model's input size."""
+    config = {"input_size": (3, 8, 8), "mean": (0.1, 0.5, 0.9), "std": (0.2, 0.3, 0.4)}
+    x = torch.randint(
+        0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    out = preprocess(x, config)
+    ref = (
+        x.double().permute(0, 3, 1, 2) / 255
+        - torch.tensor(config["mean"]).view(1, 3, 1, 1).double()
+    )
+    ref = ref / torch.tensor(config["std"]).view(1, 3, 1, 1).double()
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    small = preprocess(x, {**config, "input_size": (3, 4, 4), "interpolation": "bicubic"})
+    assert small.shape == (2, 3, 4, 4) and small.is_contiguous(memory_format=torch.channels_last)
+    flat = preprocess(
+        torch.full((1, 8, 8, 3), 51, dtype=torch.uint8), {**config, "input_size": (3, 4, 4)}
+    )
+    assert torch.allclose(
+        flat[0, :, 0, 0],
+        (0.2 - torch.tensor(config["mean"])) / torch.tensor(config["std"]),
+        atol=1e-5,
+    )
 
 
 def test_block_reads_equal_single_reads(tiles: tuple[str, Path]) -> None:
@@ -290,3 +322,27 @@ def test_auto_readers_follow_the_cpus_this_process_may_use() -> None:
     expected = min(16, max(1, len(os.sched_getaffinity(0)) - 1))
     assert usable_cpus() == len(os.sched_getaffinity(0))
     assert resolve_workers("auto", torch.device("cuda")) == expected
+
+
+REUSE_PROBE = """
+import resource, sys
+import numpy as np
+from srmil.device import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory() and retain_freed_memory()  # idempotent
+np.ones(64 << 20, np.uint8)  # allocate, touch, free
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(64 << 20, np.uint8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+def test_feature_processes_reuse_freed_memory() -> None:
+    """`srmil features` keeps freed blocks: a second large allocation takes no page faults
+    (with glibc's defaults it is mapped afresh, as every activation of a forward pass was)."""
+    faults = {
+        mode: int(subprocess.check_output([sys.executable, "-c", REUSE_PROBE, mode], text=True))
+        for mode in ("retain", "defaults")
+    }
+    assert faults["retain"] < 16 < faults["defaults"], faults
