@@ -98,7 +98,7 @@ def features_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -
             {
                 "measured": f"feature extraction, {r['model']}, {env['device_name']} "
                 f"({env['torch_threads']} torch threads, batch {env['batch_size']}, allocator "
-                f"{env.get('allocator', 'defaults')}): the whole "
+                f"{env['allocator']}): the whole "
                 "pipeline (OpenSlide reads to Zarr store) against the forward pass alone, "
                 f"{r['patches_per_repeat']} patches x {len(r['repeats'])} repeat(s), alternated "
                 "slide by slide",

@@ -263,13 +263,9 @@ class Readers:
 
 
 def iterate_chunks(
-    dataset: ChunkDataset,
-    num_workers: int,
-    pin_memory: bool,
-    prefetch: int = 4,
-    start_chunks: int = 1,
+    dataset: ChunkDataset, num_workers: int, pin_memory: bool, prefetch: int = 4
 ) -> Readers:
-    return Readers(dataset, num_workers, pin_memory, prefetch, start_chunks)
+    return Readers(dataset, num_workers, pin_memory, prefetch)
 
 
 def iterate_batches(
