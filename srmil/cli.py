@@ -76,8 +76,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_tile(args: argparse.Namespace) -> None:
+    from srmil.exclusion import check_upstream
     from srmil.tiling import params_from_dict, tile_slide
 
+    check_upstream(args.tissue)
     plan = tile_slide(
         args.slide,
         args.tissue,
@@ -98,6 +100,9 @@ def cmd_tile(args: argparse.Namespace) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> None:
+    from srmil.exclusion import check_upstream
+
+    check_upstream(args.tiles)  # before the backbone is loaded
     _set_threads(args.threads)
     from srmil.device import retain_freed_memory
 
@@ -123,8 +128,10 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def cmd_graph(args: argparse.Namespace) -> None:
+    from srmil.exclusion import check_upstream
     from srmil.graph import build_graph
 
+    check_upstream(args.tiles)
     attrs = build_graph(args.tiles, args.out, window=args.window)
     logging.info(
         "graph: %d nodes, %d edges (window %d)", attrs["n_nodes"], attrs["n_edges"], attrs["window"]
@@ -170,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         threads=args.threads,
+        exclude_failed=args.exclude_failed,
     )
 
 
@@ -195,6 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         top_patches=args.top_patches,
         heatmap_px=args.heatmap_px,
         max_heatmaps=args.max_heatmaps,
+        exclude_failed=args.exclude_failed,
     )
     logging.info("evaluate %s: %s", args.model, json.dumps(metrics.get("pooled", {})))
 
@@ -203,7 +212,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from srmil.evaluate import compare_models
 
     compare_models(
-        args.metrics, args.out_csv, args.out_md, models_dirs=args.models_dirs, out_png=args.out_png
+        args.metrics,
+        args.out_csv,
+        args.out_md,
+        models_dirs=args.models_dirs,
+        out_png=args.out_png,
+        out_left_out=args.out_left_out,
     )
 
 
@@ -241,6 +255,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             device=args.device,
             threads=args.threads,
             tiles_dir=heatmap_dir,
+            exclude_failed=args.exclude_failed,
             **heatmaps,
         )
     else:
@@ -257,6 +272,42 @@ def cmd_predict(args: argparse.Namespace) -> None:
             **heatmaps,
         )
     logging.info("predict: %d slides -> %s", len(table), Path(args.out_dir) / "predictions.csv")
+
+
+# The per-slide stages: under --exclude-failed, bad input becomes an exclusion record.
+SLIDE_STAGES = ("segment", "tile", "features", "graph")
+
+
+def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
+    """What a per-slide stage writes in place of its outputs when it fails on bad input under
+    --exclude-failed (srmil.exclusion)."""
+    from srmil import exclusion
+
+    if args.command == "segment":
+        exclusion.write_segment_record(args.out, args.qc, reason)
+    elif args.command == "tile":
+        exclusion.write_tile_record(args.out, args.qc or None, reason)
+    elif args.command == "features":
+        exclusion.write_feature_record(args.out, reason, args.extractor)
+    else:
+        exclusion.write_graph_record(args.out, reason)
+
+
+def _add_exclude_failed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exclude-failed",
+        action="store_true",
+        help="on bad input, write the outputs as a record that excludes the slide (with the "
+        "reason) and exit 0, instead of failing (exclude_failed_slides in config.yaml)",
+    )
+
+
+def _add_leave_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exclude-failed",
+        action="store_true",
+        help="leave out slides excluded after a failure and list them (refused without it)",
+    )
 
 
 def _read_config(path: str | None) -> dict[str, Any]:
@@ -313,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="GeoJSON output")
     p.add_argument("--qc", required=True, help="QC PNG output")
     p.add_argument("--annotation", default="", help="tumour GeoJSON to draw on the QC image")
+    _add_exclude_failed(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("tile", help="patch grid at a target µm/px inside the tissue")
@@ -323,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seg-qc", default="", help="QC PNG of `srmil segment` to draw the grid on (faster)"
     )
+    _add_exclude_failed(p)
     p.set_defaults(func=cmd_tile)
 
     p = sub.add_parser("features", help="backbone features into a Zarr store")
@@ -347,12 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    _add_exclude_failed(p)
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("graph", help="spatial graph over the patch grid")
     p.add_argument("--tiles", required=True)
     p.add_argument("--out", required=True, help="Zarr store output")
     p.add_argument("--window", type=int, default=2)
+    _add_exclude_failed(p)
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser(
@@ -379,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--graphs-dir", required=True)
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=None)
+        _add_leave_out(p)
 
     p = sub.add_parser("train", help="train one fold of a MIL model")
     bag_args(p)
@@ -411,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-png", default=None, help="attention diagnostics of all models")
+    p.add_argument(
+        "--out-left-out", default=None, help="HTML table of the slides left out, and why"
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablation", help="SRMIL metrics against the mask ratio")
@@ -440,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-dir", default="", help="existing feature stores: skip the stages")
     p.add_argument("--graphs-dir", default="")
     p.add_argument("--tiles-dir", default="")
+    _add_leave_out(p)
     p.add_argument("--no-heatmaps", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
@@ -461,10 +521,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from srmil.errors import InputError, one_line
+    from srmil.exclusion import OPTION, SlideExcluded
 
     try:
         args.func(args)
     except InputError as err:
+        if args.command in SLIDE_STAGES and args.exclude_failed:
+            # The slide is left out: its outputs say why, and the job succeeds.
+            reason = err.reason if isinstance(err, SlideExcluded) else (
+                f"{args.command}: {one_line(err)}")
+            _write_exclusion_record(args, reason)
+            print(f"srmil {args.command}: excluded ({OPTION}): {reason}", file=sys.stderr)
+            return 0
         # Known bad input: one line that names the file and the fix, no traceback.
         print(f"srmil {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ def validate_config(
     with open(schema_path, encoding="utf-8") as f:
         schema = yaml.safe_load(f)
     validator = jsonschema.Draft202012Validator(schema)
+    _read_command_line_strings(config, validator)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(e.path)))
     if not errors:
         return
@@ -37,6 +38,44 @@ def validate_config(
         f"{source}: {key}: {message}; fix it (allowed values are documented in "
         "workflow/schemas/config.schema.yaml)"
     )
+
+
+def _read_command_line_strings(config: dict[str, Any], validator: Any) -> None:
+    """Snakemake reads `--config key=value` with YAML's base loader, which keeps `true` and every
+    scalar inside a mapping a string (`tile={patch_px: 256}` gives '256'). Where such a string
+    breaks the schema and its YAML reading (a number, a boolean, null) fits, it is replaced by
+    that reading, in place."""
+    for _ in range(100):  # each pass fixes what the errors show; nested values take a few
+        changed = False
+        for error in validator.iter_errors(config):
+            if not isinstance(error.instance, str) or not error.absolute_path:
+                continue
+            value = _yaml_scalar(error.instance)
+            if isinstance(value, str) or not validator.evolve(schema=error.schema).is_valid(value):
+                continue
+            *parents, key = error.absolute_path
+            target = config
+            for part in parents:
+                target = target[part]
+            target[key] = value
+            changed = True
+        if not changed:
+            return
+
+
+def _yaml_scalar(text: str) -> Any:
+    """`text` read as YAML; a float in exponent form without a dot (1e-3, which YAML 1.1 keeps a
+    string) as a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return value
 
 
 def _short(error: jsonschema.ValidationError) -> str:

@@ -18,6 +18,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from srmil.errors import InputError
+from srmil.exclusion import EXCLUDED, SlideExcluded
 from srmil.store import read_feature_store, read_graph_store, read_json
 
 
@@ -36,6 +37,11 @@ class Bag:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def excluded(self) -> str | None:
+        """Why the slide was left out (srmil.exclusion), or None."""
+        return self.attrs.get(EXCLUDED) or self.graph_attrs.get(EXCLUDED)
+
     def to(self, device: torch.device | str) -> Bag:
         return Bag(self.slide_id, self.x.to(device), self.edge_index.to(device), self.coords,
                    self.attrs, self.graph_attrs)
@@ -52,8 +58,12 @@ def graph_params(graph_attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
-             slide_id: str) -> Bag:
-    """Read `{features_dir}/{slide_id}.zarr` and `{graphs_dir}/{slide_id}.zarr` into a Bag."""
+             slide_id: str, exclude_failed: bool = False) -> Bag:
+    """Read `{features_dir}/{slide_id}.zarr` and `{graphs_dir}/{slide_id}.zarr` into a Bag.
+
+    A slide excluded after a failure (srmil.exclusion) comes back as an empty bag whose
+    `excluded` gives the reason with `exclude_failed`, and is refused without it.
+    """
     features_path = Path(features_dir) / f"{slide_id}.zarr"
     graph_path = Path(graphs_dir) / f"{slide_id}.zarr"
     for path, step in ((features_path, "features"), (graph_path, "graphs")):
@@ -61,6 +71,13 @@ def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
             raise InputError(f"{path}: store of slide {slide_id!r} not found; run the {step} step")
     features, coords, attrs = read_feature_store(features_path)
     edge_index, graph_attrs = read_graph_store(graph_path)
+    reason = attrs.get(EXCLUDED) or graph_attrs.get(EXCLUDED)
+    if reason:
+        if not exclude_failed:
+            raise SlideExcluded(f"slide {slide_id!r}", reason)
+        # Its graph may be a normal one (features fail after tiling): the bag is empty.
+        return Bag(slide_id, torch.zeros(0, 0), torch.zeros(2, 0, dtype=torch.int64),
+                   np.zeros((0, 2), dtype=np.int64), {**attrs, EXCLUDED: reason}, graph_attrs)
     n = len(features)
     # A graph built from another feature store would index the wrong patches silently.
     if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n):

@@ -17,6 +17,7 @@ from scipy.stats import rankdata
 
 from srmil.data import Bag, load_bag
 from srmil.errors import InputError
+from srmil.exclusion import excluded_slides, write_left_out_html
 from srmil.store import atomic_path, read_json, read_store_attrs, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,14 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
                    device: str = "auto", threads: int | None = None,
                    tiles_dir: str | os.PathLike | None = None, n_bootstrap: int = 1000,
                    ci_level: float = 0.95, seed: int = 0, top_patches: int = 8,
-                   heatmap_px: int = 1024, max_heatmaps: int | None = None) -> dict[str, Any]:
+                   heatmap_px: int = 1024, max_heatmaps: int | None = None,
+                   exclude_failed: bool = False) -> dict[str, Any]:
     """Predict every fold's test slides with `{models_dir}/fold_{k}.pt`; write metrics.json,
     predictions.csv, roc.png, confusion.png, training_curves.png, attention_diagnostics.png (when
     the models have `fold_{k}.attention.json`) and, with `tiles_dir`, heatmaps/{slide}.png
-    (of at most `max_heatmaps` slides, classes taking turns, if given).
+    (of at most `max_heatmaps` slides, classes taking turns, if given). With `exclude_failed`,
+    slides excluded after a failure (srmil.exclusion) are left out and listed with their reasons;
+    without it, they are refused.
 
     Returns the metrics written to metrics.json.
     """
@@ -153,7 +157,7 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
         for k, membership in enumerate(splits["folds"]):
             rows, empty, fold_attention = _predict_fold(
                 model_name, models_dir / f"fold_{k}.pt", k, membership, classes, samples,
-                features_dir, graphs_dir, device)
+                features_dir, graphs_dir, device, exclude_failed)
             table = pd.DataFrame(rows)
             y, probs = _labels_and_probs(table, classes)
             groups = table["patient_id"].tolist() if len(table) else None
@@ -182,6 +186,8 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
         # why each skipped slide has no patches, as tiling recorded it
         "skipped_reasons": {sid: read_store_attrs(Path(features_dir) / f"{sid}.zarr").get(
             "skipped", "no patches") for sid in sorted(skipped)},
+        # slides of any part of any fold left out after a failure (exclude_failed_slides)
+        **_excluded(features_dir, splits),
     }
     attention_logs = _attention_logs(models_dir, n_folds)
     if attention_logs:
@@ -202,6 +208,13 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
     return metrics
 
 
+def _excluded(features_dir: str | os.PathLike, splits: dict) -> dict[str, Any]:
+    slide_ids = [s for fold in splits["folds"] for part in ("train", "val", "test")
+                 for s in fold.get(part, [])]
+    reasons = excluded_slides(features_dir, slide_ids)
+    return {"excluded": sorted(reasons), "excluded_reasons": reasons}
+
+
 def _heatmap_selection(table: pd.DataFrame, n: int) -> pd.DataFrame:
     """At most n slides: the first of each class by slide id, then the second, and so on."""
     if table.empty:
@@ -214,10 +227,10 @@ def _heatmap_selection(table: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def _predict_fold(model_name: str, pt_path: Path, fold: int, membership: dict,
                   classes: list[str], samples: pd.DataFrame, features_dir: str | os.PathLike,
-                  graphs_dir: str | os.PathLike, device: str
+                  graphs_dir: str | os.PathLike, device: str, exclude_failed: bool = False
                   ) -> tuple[list[dict[str, Any]], list[str], dict[str, np.ndarray]]:
     """Prediction rows for the fold's test slides, the ids of those skipped as empty, and each
-    slide's attention."""
+    slide's attention (excluded slides are left out: `_excluded` lists them)."""
     from srmil.train import load_model, resolve_device
 
     if not pt_path.is_file():
@@ -225,7 +238,8 @@ def _predict_fold(model_name: str, pt_path: Path, fold: int, membership: dict,
     dev = resolve_device(device)
     model, meta = load_model(pt_path, device=dev)
     _check_model_matches(meta, model_name, classes, membership, pt_path)
-    bags = [load_bag(features_dir, graphs_dir, sid) for sid in membership["test"]]
+    bags = [load_bag(features_dir, graphs_dir, sid, exclude_failed) for sid in membership["test"]]
+    bags = [b for b in bags if not b.excluded]
     empty = [b.slide_id for b in bags if len(b) == 0]
     for slide_id in empty:
         log.warning("slide %s has no patches; skipped", slide_id)
@@ -329,13 +343,16 @@ ATTENTION_ROWS = {"max_weight_median": "attention: median of slides' max weight"
 def compare_models(metrics_paths: Sequence[str | os.PathLike],
                    out_csv: str | os.PathLike, out_md: str | os.PathLike,
                    models_dirs: Sequence[str | os.PathLike] = (),
-                   out_png: str | os.PathLike | None = None) -> pd.DataFrame:
+                   out_png: str | os.PathLike | None = None,
+                   out_left_out: str | os.PathLike | None = None) -> pd.DataFrame:
     """Side-by-side table of models' metrics (pooled value with its bootstrap interval, mean and
     std over folds) as CSV and Markdown; with the models' folders, the attention diagnostics of
-    all models in one figure. Returns the table (one row per model and metric)."""
-    rows, logs = [], {}
+    all models in one figure; with `out_left_out`, an HTML table of the slides left out (excluded
+    or skipped) and why. Returns the table (one row per model and metric)."""
+    rows, logs, all_metrics = [], {}, []
     for i, path in enumerate(metrics_paths):
         metrics = read_json(path)
+        all_metrics.append(metrics)
         model = metrics["model"]
         for name in METRICS:
             ci = (metrics.get("pooled_ci") or {}).get(name) or [None, None]
@@ -357,6 +374,8 @@ def compare_models(metrics_paths: Sequence[str | os.PathLike],
     write_text(out_md, _comparison_markdown(table))
     if out_png is not None:
         plot_attention_diagnostics(logs, Path(out_png))
+    if out_left_out is not None:
+        write_left_out_html(all_metrics, out_left_out)
     return table
 
 

@@ -158,7 +158,7 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
                    out_dir: str | os.PathLike, extractor: str | None = None,
                    device: str = "auto", threads: int | None = None,
                    tiles_dir: str | os.PathLike | None = None, top_patches: int = 8,
-                   heatmap_px: int = 1024) -> pd.DataFrame:
+                   heatmap_px: int = 1024, exclude_failed: bool = False) -> pd.DataFrame:
     """Fold-ensemble predictions of every slide in `samples` from its feature and graph stores;
     writes `out_dir`/predictions.csv and, with `tiles_dir`, heatmaps/{slide}.png of the
     ensemble's mean attention.
@@ -166,7 +166,9 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
     Columns: slide_id, patient_id, label (when the sheet has labels), prob_{class} (the mean over
     folds), prediction, n_models, attention_max, prob_{class}_fold{k} (each fold's), skipped
     (empty, or why a slide without patches has no prediction: its row has no probabilities and
-    n_models 0). Every slide of `samples` has a row, in the sheet's order.
+    n_models 0). Every slide of `samples` has a row, in the sheet's order. With
+    `exclude_failed`, a slide excluded after a failure (srmil.exclusion) gets such a row too
+    (`skipped`: "excluded: <reason>"); without it, it is refused.
     """
     from srmil.evaluate import predict_bags, write_heatmaps
     from srmil.train import resolve_device, torch_threads
@@ -180,15 +182,20 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
         folds = [int(m.get("fold", k)) for k, m in enumerate(metas)]
         rows, attention = [], {}
         for sample in samples.itertuples(index=False):
-            bag = load_bag(features_dir, graphs_dir, sample.slide_id)
-            check_store(metas[0], bag.attrs, Path(features_dir) / f"{sample.slide_id}.zarr",
-                        models_dir)
-            check_graph(metas[0], bag.graph_attrs, Path(graphs_dir) / f"{sample.slide_id}.zarr",
-                        models_dir)
+            bag = load_bag(features_dir, graphs_dir, sample.slide_id, exclude_failed)
             row = {"slide_id": sample.slide_id, "patient_id": sample.patient_id}
             label = str(getattr(sample, "label", "") or "")
             if label:
                 row["label"] = label
+            if bag.excluded:
+                log.warning("slide %s excluded (%s); no prediction", sample.slide_id,
+                            bag.excluded)
+                rows.append({**row, "n_models": 0, "skipped": f"excluded: {bag.excluded}"})
+                continue
+            check_store(metas[0], bag.attrs, Path(features_dir) / f"{sample.slide_id}.zarr",
+                        models_dir)
+            check_graph(metas[0], bag.graph_attrs, Path(graphs_dir) / f"{sample.slide_id}.zarr",
+                        models_dir)
             if len(bag) == 0:
                 # Recorded, not dropped: the reason tiling gave travels with the feature store.
                 reason = str(bag.attrs.get("skipped") or "no patches")

@@ -137,10 +137,11 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
                features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
                out_path: str | os.PathLike, model_hparams: dict[str, Any] | None = None,
                train_hparams: dict[str, Any] | None = None, seed: int = 0, device: str = "auto",
-               threads: int | None = None) -> dict[str, Any]:
+               threads: int | None = None, exclude_failed: bool = False) -> dict[str, Any]:
     """Train `model_name` on fold `fold` of `splits`; write `out_path` (.pt), .json and .csv.
 
-    Returns the metadata written to the JSON.
+    With `exclude_failed`, slides excluded after a failure (srmil.exclusion) are left out and
+    listed; without it, they are refused. Returns the metadata written to the JSON.
     """
     started = time.perf_counter()
     _check_model_name(model_name)
@@ -152,11 +153,12 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
     dev = resolve_device(device)
 
     with _deterministic(seed, threads, dev):
-        train_bags, skipped_train = _load_bags(membership["train"], features_dir, graphs_dir, dev)
-        val_bags, skipped_val = _load_bags(membership["val"], features_dir, graphs_dir, dev)
-        if not train_bags:
-            raise InputError(f"fold {fold}: no training slide has patches; check the feature "
-                             "stores")
+        train_bags, skipped_train, excluded = _load_bags(membership["train"], features_dir,
+                                                         graphs_dir, dev, exclude_failed)
+        val_bags, skipped_val, excluded_val = _load_bags(membership["val"], features_dir,
+                                                         graphs_dir, dev, exclude_failed)
+        excluded.update(excluded_val)
+        _check_classes_left(train_bags, labels, classes, fold, excluded)
         in_dim = _check_same_features(train_bags + val_bags)
         graph = _check_same_graphs(train_bags + val_bags)
         model = build_model(model_name, in_dim=in_dim, n_classes=len(classes),
@@ -179,6 +181,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
         "fold": fold,
         "split": {part: list(membership[part]) for part in ("train", "val", "test")},
         "skipped_empty": sorted(skipped_train + skipped_val),
+        "excluded": excluded,  # slide id -> why it failed (exclude_failed_slides)
         "selected_epoch": int(selected["epoch"]),
         "selected_val": {k: _finite_or_none(selected[k]) for k in ("val_loss", "val_acc",
                                                                    "val_auc")},
@@ -301,6 +304,19 @@ def _check_model_name(model_name: str) -> None:
         raise InputError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
+def _check_classes_left(train_bags: list[Bag], labels: dict[str, int], classes: list[str],
+                        fold: int, excluded: dict[str, str]) -> None:
+    """Every class keeps a training slide with patches, after empty and excluded slides."""
+    present = {labels[b.slide_id] for b in train_bags}
+    missing = [c for i, c in enumerate(classes) if i not in present]
+    if not missing:
+        return
+    why = (f" ({len(excluded)} slide(s) of the fold excluded: {', '.join(sorted(excluded))})"
+           if excluded else "")
+    raise InputError(f"fold {fold}: no training slide of class {', '.join(missing)} has "
+                     f"patches{why}; fix the failed slides, or add slides of that class")
+
+
 def _label_indices(samples: pd.DataFrame, classes: list[str],
                    membership: dict[str, list[str]]) -> dict[str, int]:
     """Class index of every slide of the fold; the split and the sheet must agree."""
@@ -315,18 +331,23 @@ def _label_indices(samples: pd.DataFrame, classes: list[str],
 
 
 def _load_bags(slide_ids: Sequence[str], features_dir: str | os.PathLike,
-               graphs_dir: str | os.PathLike,
-               device: torch.device) -> tuple[list[Bag], list[str]]:
-    """Load every bag once (they are small) onto `device`; slides without patches are skipped."""
-    bags, skipped = [], []
+               graphs_dir: str | os.PathLike, device: torch.device, exclude_failed: bool = False,
+               ) -> tuple[list[Bag], list[str], dict[str, str]]:
+    """Load every bag once (they are small) onto `device`. Returns the bags with patches, the
+    ids of those without (skipped) and, with `exclude_failed`, the excluded ones' reasons."""
+    bags, skipped, excluded = [], [], {}
     for slide_id in slide_ids:
-        bag = load_bag(features_dir, graphs_dir, slide_id)
+        bag = load_bag(features_dir, graphs_dir, slide_id, exclude_failed)
+        if bag.excluded:
+            log.warning("slide %s excluded: %s", slide_id, bag.excluded)
+            excluded[slide_id] = bag.excluded
+            continue
         if len(bag) == 0:
             log.warning("slide %s has no patches; skipped", slide_id)
             skipped.append(slide_id)
             continue
         bags.append(bag.to(device))
-    return bags, skipped
+    return bags, skipped, excluded
 
 
 def _check_same_features(bags: list[Bag]) -> int:

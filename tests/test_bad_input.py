@@ -6,7 +6,9 @@ non-ASCII characters (docs/robustness.md lists each case and where it is caught)
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -215,6 +217,64 @@ def test_damaged_pixel_data_fails_when_features_read_it(
     assert one_line(err.value).startswith(f"{slide}: pixel data at level 0")
 
 
+# --- exclude_failed_slides: a failed slide's outputs become a record that excludes it ---------
+
+
+def test_exclusion_records_pass_from_stage_to_stage(
+    slides: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """`--exclude-failed`: the stage that fails writes its outputs as a record with the reason
+    and exits 0; each later stage passes the record on; a stage without the option, training
+    and evaluation without it refuse the record in one line."""
+    geojson, qc = tmp_path / "cut.geojson", tmp_path / "cut.qc.png"
+    assert main(["segment", "--slide", str(slides["cut"]), "--out", str(geojson),
+                 "--qc", str(qc), "--exclude-failed"]) == 0
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("srmil segment: excluded")]
+    reason = f"segment: {slides['cut']}: OpenSlide cannot open it ("
+    assert line.startswith(f"srmil segment: excluded (exclude_failed_slides): {reason}")
+    collection = json.loads(geojson.read_text())
+    assert collection["features"] == [] and collection["properties"]["excluded"].startswith(
+        reason)
+    assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without the option, the next stage refuses the record, naming the option and the fix.
+    line = cli_error(capsys, "tile", "--slide", slides["cut"], "--tissue", geojson,
+                     "--out", tmp_path / "cut.json")
+    assert f"{geojson}: the slide was excluded by a run with exclude_failed_slides: true (" \
+        f"{reason}" in line and "fix the slide file and rerun" in line
+    # With it, each stage passes the same reason on, without opening the slide.
+    tiles = tmp_path / "cut.json"
+    for argv in (["tile", "--slide", "", "--tissue", geojson, "--out", tiles],
+                 ["features", "--slide", "", "--tiles", tiles, "--out", tmp_path / "f/cut.zarr",
+                  "--extractor", "r18", "--backbone", json.dumps(RESNET18)],
+                 ["graph", "--tiles", tiles, "--out", tmp_path / "g/cut.zarr"]):
+        assert main([str(a) for a in argv] + ["--exclude-failed"]) == 0
+    assert read_tiles(tiles)[2]["excluded"].startswith(reason)
+    assert read_store_attrs(tmp_path / "f/cut.zarr")["excluded"].startswith(reason)
+    bag = load_bag(tmp_path / "f", tmp_path / "g", "cut", exclude_failed=True)
+    assert len(bag) == 0 and bag.excluded.startswith(reason)
+    with pytest.raises(InputError, match="slide 'cut': the slide was excluded by a run with"):
+        load_bag(tmp_path / "f", tmp_path / "g", "cut")
+
+
+def test_damaged_pixels_excluded_at_features(
+    slides: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    slide = slides["damaged"]
+    segment_slide(slide, tmp_path / "d.geojson", tmp_path / "d.png")
+    tile_slide(slide, tmp_path / "d.geojson", tmp_path / "d.json")
+    out = tmp_path / "f" / "d.zarr"
+    threads = torch.get_num_threads()  # `--threads` sets it for the process: restore it
+    assert main(["features", "--slide", str(slide), "--tiles", str(tmp_path / "d.json"),
+                 "--out", str(out), "--extractor", "r18", "--backbone", json.dumps(RESNET18),
+                 "--threads", "1", "--no-progress", "--exclude-failed"]) == 0
+    torch.set_num_threads(threads)
+    capsys.readouterr()
+    attrs = read_store_attrs(out)
+    assert attrs["excluded"].startswith(f"features: {slide}: pixel data at level 0, x=")
+    assert attrs["n_patches"] == 0 and attrs["extractor"] == "r18"
+
+
 # --- slides without a µm/px -------------------------------------------------------------------
 
 
@@ -358,19 +418,32 @@ def test_workflow_stops_before_any_job(
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
-# --- the workflow with --keep-going, then with the bad rows removed ---------------------------
+# --- the workflow on a cohort with broken files: --keep-going, exclude_failed_slides, fixes ---
 
 # slide id -> (file name, label, patient, how it is made)
 COHORT = {
     "n1": ("slide ü 1.svs", "normal", "P1", {}),
     "n2": ("slide ü 2.tif", "normal", "P2", {"file_mpp": False}),  # µm/px from the sheet
     "n3": ("slide ü 3.tif", "normal", "P3", {"tissue_shape": TissueShape(n_pieces=(0, 0))}),
-    "t1": ("slide ü 4.svs", "tumour", "Jürgen O'Neil", {}),
-    "t2": ("slide ü 5.tif", "tumour", "P5", {"size": (12288, 768)}),
-    "t3": ("slide ü 6.svs", "tumour", "P6", {"size": (192, 160)}),
-    "bad_mpp": ("slide ü 7.tif", "normal", "P7", {"file_mpp": False}),
-    "bad_read": ("slide ü 8.svs", "tumour", "P8", {}),
+    "n4": ("slide ü 4.svs", "normal", "P4", {}),
+    "t1": ("slide ü 5.svs", "tumour", "Jürgen O'Neil", {}),
+    "t2": ("slide ü 6.tif", "tumour", "P6", {"size": (12288, 768)}),
+    "t3": ("slide ü 7.svs", "tumour", "P7", {"size": (192, 160)}),
+    "t4": ("slide ü 8.tif", "tumour", "P8", {}),
+    "n5": ("slide ü 12.svs", "normal", "P5", {}),
+    "t5": ("slide ü 13.tif", "tumour", "P12", {}),
+    "bad_mpp": ("slide ü 9.tif", "normal", "P9", {"file_mpp": False}),
+    "bad_read": ("slide ü 10.svs", "tumour", "P10", {}),  # damaged tiles at level 0
+    "cut": ("slide ü 11.svs", "tumour", "P11", {}),  # truncated
 }
+# Rows whose file is no slide: slide id -> (file name, label, what it holds)
+NOT_SLIDES = {
+    "empty": ("empty.svs", "normal", b""),
+    "gone": ("gone.svs", "normal", None),  # missing
+    "text": ("text.svs", "tumour", b"slide_id,path\n"),  # a CSV under a slide's name
+}
+GOOD = ["n1", "n2", "n3", "n4", "n5", "t1", "t2", "t3", "t4", "t5"]  # n3, t3: no patches
+# Enough good slides that every fold (seed 0) trains on both classes in each step below.
 SMALL = {
     "cv": {"n_folds": 2},
     "features": {"threads": 1, "batch_size": 32, "num_workers": 0},
@@ -382,88 +455,154 @@ SMALL = {
 }
 
 
+def write_cohort_slide(cohort: Path, slide_id: str, index: int) -> None:
+    name, label, _, how = COHORT[slide_id]
+    annotation = f"annotations/{name} ö.geojson" if slide_id == "t1" else ""
+    row = {"slide_id": slide_id, "path": f"slides/{name}", "label": label,
+           "annotation": annotation}
+    size = how.get("size", (1536, 1152))
+    kwargs = {k: v for k, v in how.items() if k != "size"}
+    write_slide(cohort, row, index, 0, size[0], size[1], 0.5, **kwargs)
+
+
+def stamps(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
 @pytest.mark.slow
-def test_keep_going_finishes_the_other_slides_then_the_fixed_sheet_runs_to_the_end(
-    tmp_path: Path,
-) -> None:
+def test_broken_files_keep_going_then_excluded_then_fixed(tmp_path: Path) -> None:
+    """A cohort with every kind of broken file among good slides, at paths with spaces and
+    non-ASCII characters: `--keep-going` finishes every good slide and names each bad one in
+    its log; `exclude_failed_slides: true` then trains and evaluates without them, listing them,
+    and reuses every finished store; fixing two files brings them back; switching the option off
+    again refuses to train; removing the bad rows trains the rest as before."""
     cohort = tmp_path / "cohort é" / "with spaces"
     rows = []
-    for i, (slide_id, (name, label, patient, how)) in enumerate(COHORT.items()):
-        annotation = f"annotations/{name} ö.geojson" if slide_id == "t1" else ""
-        row = {
-            "slide_id": slide_id,
-            "path": f"slides/{name}",
-            "label": label,
-            "annotation": annotation,
-        }
-        size = how.get("size", (1536, 1152))
-        kwargs = {k: v for k, v in how.items() if k != "size"}
-        write_slide(cohort, row, i, 0, size[0], size[1], 0.5, **kwargs)
-        rows.append(
-            {
-                "slide_id": slide_id,
-                "path": row["path"],
-                "patient_id": patient,
-                "label": label,
-                "annotation": annotation,
-                "mpp": "0.5" if slide_id == "n2" else "",
-            }
-        )
-    damaged = cohort / "slides" / COHORT["bad_read"][0]
-    damage_level0(damaged, damaged)
-    # Files the sheet check refuses (without --keep-going the run would stop at parse time).
-    (cohort / "slides" / "empty.svs").write_bytes(b"")
-    for slide_id, name in (("empty", "empty.svs"), ("gone", "gone.svs")):
-        row = {"slide_id": slide_id, "path": f"slides/{name}", "patient_id": slide_id}
-        rows.append({**row, "label": "normal", "annotation": "", "mpp": ""})
+    for i, (slide_id, (name, label, patient, _)) in enumerate(COHORT.items()):
+        write_cohort_slide(cohort, slide_id, i)
+        rows.append({"slide_id": slide_id, "path": f"slides/{name}", "patient_id": patient,
+                     "label": label,
+                     "annotation": f"annotations/{name} ö.geojson" if slide_id == "t1" else "",
+                     "mpp": "0.5" if slide_id == "n2" else ""})
+    slides = cohort / "slides"
+    damage_level0(slides / COHORT["bad_read"][0], slides / COHORT["bad_read"][0])
+    cut_last_page(slides / COHORT["cut"][0], slides / COHORT["cut"][0])
+    for slide_id, (name, label, data) in NOT_SLIDES.items():
+        if data is not None:
+            (slides / name).write_bytes(data)
+        rows.append({"slide_id": slide_id, "path": f"slides/{name}", "patient_id": slide_id,
+                     "label": label, "annotation": "", "mpp": ""})
     pd.DataFrame(rows).to_csv(cohort / "sheet 1.csv", index=False)
-    pd.DataFrame(rows[:6]).to_csv(cohort / "sheet 2.csv", index=False)  # the bad rows removed
+    # The rows still bad after step 3 removed.
+    good_rows = [r for r in rows if r["slide_id"] in [*GOOD, "bad_read", "gone"]]
+    pd.DataFrame(good_rows).to_csv(cohort / "sheet 2.csv", index=False)
     config = deep_update(yaml.safe_load((REPO / "config.yaml").read_text()), SMALL)
     config["samples"] = "cohort é/with spaces/sheet 1.csv"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    logs, results = tmp_path / "logs", tmp_path / "results"
+    features, graphs = results / "features/resnet18", results / "graphs"
 
-    # 1. Every slide's stages up to the features, going on past the failures.
-    proc = snakemake(tmp_path, "--keep-going", "features", check=False)
-    assert proc.returncode != 0
-    logs = tmp_path / "logs"
-    bad_mpp = (logs / "segment/bad_mpp.log").read_text()
-    assert "Traceback" not in bad_mpp and bad_mpp.strip().endswith(
-        f"srmil segment: error: {cohort / 'slides' / COHORT['bad_mpp'][0]}: no µm/px in the "
-        "file; add an 'mpp' column to the sample sheet or set 'mpp_fallback' in config.yaml"
-    )
+    # 1. --keep-going, the default target: the DAG is built, every good slide gets its features
+    # and graph, each bad slide's job fails with one line naming the file; nothing trains.
+    proc = snakemake(tmp_path, "--keep-going", check=False)
     out = proc.stdout + proc.stderr
-    for slide_id, problem in (("empty", "empty file (0 bytes)"), ("gone", "slide file not found")):
-        path = cohort / "slides" / f"{slide_id}.svs"
-        assert f"srmil: warning: {path}: {problem}" in out, out[-3000:]
-        log = (logs / f"segment/{slide_id}.log").read_text()
-        assert "Traceback" not in log
-        assert log.strip().endswith(f"srmil segment: error: {path}: {problem}; " + (
-            "copy the slide again or remove its row from the sample sheet"
-            if slide_id == "empty" else "fix its path in the sample sheet"))
-    bad_read = (logs / "features/resnet18/bad_read.log").read_text()
-    assert "Traceback" not in bad_read
-    assert f"srmil features: error: {damaged}: pixel data at level 0" in bad_read
-    features = tmp_path / "results/features/resnet18"
-    finished = ["n1", "n2", "n3", "t1", "t2", "t3"]  # all but the two bad slides
-    assert sorted(p.name for p in features.iterdir()) == [f"{s}.zarr" for s in finished]
-    stamps = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    assert proc.returncode != 0 and "MissingInputException" not in out, out[-3000:]
+    for slide_id, problem in (("empty", "empty file (0 bytes)"), ("gone", "slide file not found"),
+                              ("text", "not a slide OpenSlide can read")):
+        assert f"srmil: warning: {slides / NOT_SLIDES[slide_id][0]}: {problem}" in out
+    expected = {
+        "segment/empty": "empty file (0 bytes); copy the slide again",
+        "segment/gone": "slide file not found; fix its path in the sample sheet",
+        "segment/text": "not a slide OpenSlide can read",
+        "segment/cut": "OpenSlide cannot open it (",
+        "segment/bad_mpp": "no µm/px in the file; add an 'mpp' column to the sample sheet",
+        "features/resnet18/bad_read": "pixel data at level 0, x=",
+    }
+    for job, problem in expected.items():
+        log = (logs / f"{job}.log").read_text().strip()
+        stage, slide_id = job.split("/")[0], job.split("/")[-1]
+        name = COHORT[slide_id][0] if slide_id in COHORT else NOT_SLIDES[slide_id][0]
+        errors = [x for x in log.splitlines() if x.startswith(f"srmil {stage}: error: ")]
+        assert "Traceback" not in log and len(errors) == 1, log
+        assert errors[0].startswith(f"srmil {stage}: error: {slides / name}: {problem}"), log
+    assert sorted(p.name for p in features.iterdir()) == [f"{s}.zarr" for s in GOOD]
+    assert sorted(p.name for p in graphs.iterdir()) == sorted(
+        f"{s}.zarr" for s in [*GOOD, "bad_read"])
+    assert not (results / "models").exists()
+    feature_stamps = stamps(features)
 
-    # 2. The user removes the two bad rows: the run completes, reusing every finished store.
+    # 2. exclude_failed_slides: true (no --keep-going needed): the run ends with evaluated
+    # models and lists every excluded slide with the stage and its reason; the good slides'
+    # stores are reused, not recomputed.
+    opt_in = ("--config", "exclude_failed_slides=true")
+    proc = snakemake(tmp_path, *opt_in)
+    assert "it will be excluded" in proc.stderr
+    assert {k: v for k, v in stamps(features).items() if k[:-5] in GOOD} == feature_stamps
+    bad = ["bad_mpp", "bad_read", "cut", "empty", "gone", "text"]
+    for model in ("srmil", "abmil"):
+        metrics = json.loads((results / f"eval/{model}/resnet18/metrics.json").read_text())
+        assert metrics["excluded"] == bad and metrics["skipped"] == ["n3", "t3"]
+        reasons = metrics["excluded_reasons"]
+        assert reasons["gone"].startswith(f"segment: {slides / 'gone.svs'}: slide file not found")
+        assert reasons["bad_read"].startswith(
+            f"features: {slides / COHORT['bad_read'][0]}: pixel data at level 0")
+        assert reasons["bad_mpp"].startswith("segment: ") and "no µm/px" in reasons["bad_mpp"]
+        predicted = pd.read_csv(results / f"eval/{model}/resnet18/predictions.csv")
+        assert sorted(predicted["slide_id"]) == ["n1", "n2", "n4", "n5", "t1", "t2", "t4", "t5"]
+        fold = json.loads((results / f"models/{model}/resnet18/fold_0.json").read_text())
+        assert set(fold["excluded"]) <= set(bad)
+    left_out = (results / "eval/resnet18/left_out.html").read_text()
+    for slide_id in [*bad, "n3", "t3"]:
+        assert f"<td>{slide_id}</td>" in left_out
+    assert "pixel data at level 0" in left_out and "no tissue found" in left_out
+    log = (logs / "segment/gone.log").read_text()
+    assert "srmil segment: excluded (exclude_failed_slides): segment: " in log
+    snakemake(tmp_path, *opt_in, "--report", "report.html")
+    report = (tmp_path / "report.html").read_text(errors="replace")
+    assert "Fixing an excluded slide" in report  # the caption
+    embedded = re.search(r"filename=left_out\.html;base64,([A-Za-z0-9+/=]+)", report)
+    assert base64.b64decode(embedded.group(1)).decode() == left_out
+
+    # 3. Two files fixed (the missing one copied in, the damaged one replaced): only their
+    # jobs rerun, then training; they are back in the cohort.
+    write_cohort_slide(cohort, "bad_read", list(COHORT).index("bad_read"))
+    shutil.copy(slides / COHORT["n1"][0], slides / "gone.svs")
+    before = stamps(features)
+    proc = snakemake(tmp_path, *opt_in)
+    after = stamps(features)
+    changed = sorted(k[:-5] for k in after if after[k] != before.get(k))
+    assert changed == ["bad_read", "gone"], changed
+    metrics = json.loads((results / "eval/srmil/resnet18/metrics.json").read_text())
+    assert metrics["excluded"] == ["bad_mpp", "cut", "empty", "text"]
+    assert "gone" in set(pd.read_csv(results / "eval/srmil/resnet18/predictions.csv")["slide_id"])
+
+    # 4. The option switched off again: the sheet check stops the run before any job, as
+    # without records; past it (--keep-going), training refuses the records in one line.
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "srmil: error: " in proc.stderr
+    proc = snakemake(tmp_path, "--keep-going", check=False)
+    assert proc.returncode != 0
+    train_logs = "".join(p.read_text() for p in (logs / "train").rglob("*.log"))
+    assert "was excluded by a run with exclude_failed_slides: true" in train_logs
+
+    # 5. The bad rows removed instead: the run completes, reusing every finished store.
+    before = stamps(features)
     proc = snakemake(tmp_path, "--config", "samples=cohort é/with spaces/sheet 2.csv")
     assert "extract_features" not in proc.stdout + proc.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == stamps
+    assert stamps(features) == before
     for model in ("srmil", "abmil"):
-        out = tmp_path / f"results/eval/{model}/resnet18"
+        out = results / f"eval/{model}/resnet18"
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["skipped"] == ["n3", "t3"]
+        assert metrics["skipped"] == ["n3", "t3"] and metrics["excluded"] == []
         assert metrics["skipped_reasons"] == {
             "n3": "no tissue found",
             "t3": "slide of 192 x 160 px is smaller than one patch (224 level-0 px)",
         }
         predicted = pd.read_csv(out / "predictions.csv")
-        assert sorted(predicted["slide_id"]) == ["n1", "n2", "t1", "t2"]
+        assert sorted(predicted["slide_id"]) == [
+            "bad_read", "gone", "n1", "n2", "n4", "n5", "t1", "t2", "t4", "t5"]
         assert len(list((out / "heatmaps").glob("*.png"))) == 2
-    tiles = json.loads((tmp_path / "results/tiles/n2.json").read_text())
+    tiles = json.loads((results / "tiles/n2.json").read_text())
     assert tiles["plan"]["mpp_source"] == "sample sheet"
 
 

@@ -60,7 +60,7 @@ def test_bad_values_name_the_key(section, key, value, expected) -> None:
         ),
         (("segment", "threshold"), 300, r"segment\.threshold: 300 is not valid"),
         (("evaluate", "ci_level"), 1.5, r"evaluate\.ci_level: 1\.5 is not valid: must be < 1"),
-        (("cv", "val_fraction"), "0.2", r"cv\.val_fraction: '0\.2' is not valid: expected number"),
+        (("cv", "val_fraction"), "a fifth", r"cv\.val_fraction: 'a fifth' is not valid: expected"),
         (("features", "device"), "gpu", r"features\.device: 'gpu' is not valid: must match"),
         (("train", "device"), "cuda0", r"train\.device: 'cuda0' is not valid: must match"),
         (("train", "device"), "cuda:", r"train\.device: 'cuda:' is not valid: must match"),
@@ -129,3 +129,33 @@ def test_model_settings_name_the_key(model, model_params, train_params, expected
         check_model_settings(model, model_params, train_params)
     assert "\n" not in str(err.value)
     check_model_settings(model, {}, {})  # the defaults pass
+
+
+def test_command_line_strings_are_read_as_their_schema_types(tmp_path: Path) -> None:
+    """`--config exclude_failed_slides=true 'tile={patch_px: 256}'` reaches the Snakefile as
+    strings (Snakemake's YAML base loader); they are read as the schema's types, in place, and a
+    string that is no such value still names its key."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    args = ["exclude_failed_slides=true", "tile={patch_px: 256, stride_px: null}",
+            "segment={exclude_pen: false, threshold: 40}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", "--quiet",
+         "--config", *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "srmil: error" not in proc.stderr, proc.stderr[-2000:]
+    config = copy.deepcopy(DEFAULT)
+    config.update(exclude_failed_slides="true", seed="3")
+    config["tile"].update(patch_px="256", stride_px="null", min_tissue_fraction="0.25")
+    config["segment"].update(exclude_pen="false", threshold="otsu")
+    config["train"]["srmil"]["train"].update(lr="1e-3", epochs="7")  # a $ref'd and a plain type
+    validate_config(config, SCHEMA)
+    assert config["train"]["srmil"]["train"] == {"epochs": 7, "lr": 0.001}
+    assert config["exclude_failed_slides"] is True and config["seed"] == 3
+    assert config["tile"] == {**DEFAULT["tile"], "patch_px": 256, "stride_px": None,
+                              "min_tissue_fraction": 0.25}
+    assert config["segment"]["exclude_pen"] is False and config["segment"]["threshold"] == "otsu"
+    config["tile"]["patch_px"] = "big"
+    with pytest.raises(ConfigError, match=r"tile\.patch_px: 'big' is not valid"):
+        validate_config(config, SCHEMA)

@@ -16,6 +16,7 @@ import torch
 import zarr
 from conftest import REPO, snakemake
 
+from srmil.demo import write_slide
 from srmil.segment import polygons_mask, read_geojson_polygons
 
 # The tiny cohort (TINY), `snakemake` and the session's completed `run` live in conftest.py,
@@ -150,40 +151,58 @@ def test_heatmaps_diagnostics_and_comparison(run: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_new_slides_reproduces_evaluate(run: Path) -> None:
-    """Cohort slides as new slides (no labels): the fold model that held a slide out gives the
-    evaluate stage's probability, through Snakemake (one slide) and `srmil predict` (two)."""
+    """New slides as a user brings them: ids the training sheet does not hold, odd file names in
+    another folder, a slide too small for a patch. Copies of two cohort slides get the
+    probability the evaluate stage gave the originals from the fold model that held them out,
+    through Snakemake (with labels, then without) and `srmil predict`; the tiny slide gets a
+    row with its reason."""
     evaluated = pd.read_csv(run / "results/eval/srmil/resnet18/predictions.csv")
     evaluated = evaluated.set_index("slide_id")
     sheet = pd.read_csv(run / "resources/demo/samples.csv").set_index("slide_id")
-    chosen = [sheet.index[sheet["label"] == label][0] for label in ("normal", "tumour")]
-    new = sheet.loc[chosen, ["path", "annotation"]].fillna("")
-    new["path"] = ["resources/demo/" + p for p in new["path"]]
-    new["annotation"] = ["resources/demo/" + a if a else "" for a in new["annotation"]]
-    new.reset_index().to_csv(run / "new_slides.csv", index=False)
-    new.iloc[1:].reset_index().to_csv(run / "new_slide.csv", index=False)
+    originals = [sheet.index[sheet["label"] == label][0] for label in ("normal", "tumour")]
+    folder = run / "new slides ü"
+    (folder / "scans").mkdir(parents=True)
+    new_ids = {"case-A.1": originals[0], "case_B": originals[1]}
+    rows = []
+    for new_id, original in new_ids.items():
+        name = f"scans/{new_id} (copy){Path(sheet.at[original, 'path']).suffix}"
+        shutil.copy(run / "resources/demo" / sheet.at[original, "path"], folder / name)
+        rows.append({"slide_id": new_id, "path": name, "label": sheet.at[original, "label"]})
+    write_slide(folder, {"slide_id": "tiny", "path": "scans/tiny one.svs", "label": "normal",
+                         "annotation": ""}, 0, 0, 192, 160, 0.5)
+    rows.append({"slide_id": "tiny-1", "path": "scans/tiny one.svs", "label": "normal"})
+    labelled = pd.DataFrame(rows)
+    labelled.to_csv(folder / "new labelled.csv", index=False)
+    labelled.drop(columns="label").to_csv(folder / "new.csv", index=False)
+    tiny_reason = "slide of 192 x 160 px is smaller than one patch (224 level-0 px)"
 
-    snakemake(run, "predict", "--config", "predict={samples: new_slide.csv}")
     out = run / "results/predict/srmil/resnet18"
+    tables = {}
+    for name in ("new labelled.csv", "new.csv"):
+        snakemake(run, "predict", "--config", f"predict={{samples: 'new slides ü/{name}'}}")
+        tables[name] = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert list(tables["new labelled.csv"]["label"]) == list(labelled["label"])
+    assert "label" not in tables["new.csv"].columns
     cli_out = run / "predict_cli"
     subprocess.run(
-        [sys.executable, "-m", "srmil.cli", "predict", "--samples", "new_slides.csv",
+        [sys.executable, "-m", "srmil.cli", "predict", "--samples", "new slides ü/new.csv",
          "--models-dir", "results/models/srmil/resnet18", "--out-dir", str(cli_out),
          "--config", "config.yaml", "--threads", "1", "--device", "cpu"],
         cwd=run, check=True, capture_output=True, timeout=600,
     )
-    runs = [(pd.read_csv(out / "predictions.csv"), chosen[1:]),
-            (pd.read_csv(cli_out / "predictions.csv"), chosen)]
-    for table, slides in runs:
-        table = table.set_index("slide_id")
-        assert list(table.index) == slides and "label" not in table.columns
-        for slide_id in slides:
-            fold = evaluated.at[slide_id, "fold"]
-            assert table.at[slide_id, f"prob_tumour_fold{fold}"] == pytest.approx(
-                evaluated.at[slide_id, "prob_tumour"], abs=1e-4
+    tables["cli"] = pd.read_csv(cli_out / "predictions.csv").set_index("slide_id")
+    for table in tables.values():
+        assert list(table.index) == ["case-A.1", "case_B", "tiny-1"]
+        for new_id, original in new_ids.items():
+            fold = evaluated.at[original, "fold"]
+            assert table.at[new_id, f"prob_tumour_fold{fold}"] == pytest.approx(
+                evaluated.at[original, "prob_tumour"], abs=1e-4
             )
-    assert sorted(p.stem for p in (cli_out / "heatmaps").glob("*.png")) == sorted(chosen)
-    assert_png(out / "heatmaps" / f"{chosen[1]}.png")
-    assert_png(cli_out / "heatmaps" / f"{chosen[1]}.png")
+        assert table.at["tiny-1", "skipped"] == tiny_reason
+        assert table.at["tiny-1", "n_models"] == 0
+    for heatmaps in (out / "heatmaps", cli_out / "heatmaps"):
+        assert sorted(p.stem for p in heatmaps.glob("*.png")) == ["case-A.1", "case_B"]
+        assert_png(heatmaps / "case_B.png")
 
 
 @pytest.mark.slow

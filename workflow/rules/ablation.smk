@@ -62,11 +62,12 @@ rule ablation_evaluate:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         device=config["train"]["device"],
         options=evaluate_options(),
+        exclude_failed=EXCLUDE_OPTION,
     shell:
         "srmil evaluate --model {wildcards.model} --samples {input.samples:q}"
         " --splits {input.splits} --models-dir {params.models_dir}"
         " --features-dir {params.features_dir} --graphs-dir {params.graphs_dir}"
-        " {params.options} --device {params.device} --threads {threads}"
+        " {params.options} {params.exclude_failed} --device {params.device} --threads {threads}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 

@@ -10,7 +10,7 @@ from snakemake.utils import validate
 from srmil.data import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
-from srmil.samples import check_row_files, read_sample_sheet
+from srmil.samples import check_row_files, read_sample_sheet, segment_overrides
 
 DEMO_SHEET = Path(config["demo"]["out_dir"]) / "samples.csv"
 IS_DEMO = Path(config["samples"]).resolve() == DEMO_SHEET.resolve()
@@ -25,10 +25,35 @@ def keep_going_requested():
     return "--keep-going" in sys.argv or any(a.isalpha() and "k" in a for a in short)
 
 
+# exclude_failed_slides: a slide whose file is missing or unreadable is excluded (its outputs
+# record why) instead of failing its jobs; training and evaluation leave it out (srmil.exclusion).
+EXCLUDE_FAILED = bool(config.get("exclude_failed_slides", False))
 # With --keep-going a bad slide file fails only its own jobs, not the whole run (below).
 # Job processes (a cluster job parses the workflow again) leave the files to the main one.
 KEEP_GOING = workflow.is_main_process and keep_going_requested()
-CHECK_FILES = workflow.is_main_process and not KEEP_GOING
+# Either way a missing file is left out of the jobs' inputs, so that the job runs and reports
+# it, rather than the DAG failing as a whole.
+TOLERATE_BAD_FILES = KEEP_GOING or EXCLUDE_FAILED
+CHECK_FILES = workflow.is_main_process and not TOLERATE_BAD_FILES
+
+
+def read_sheet(path, **kwargs):
+    """A sample sheet, with its files checked when the workflow is parsed, unless bad files are
+    tolerated: then each is a warning, and its slide's first job fails or excludes it.
+    """
+    sheet = read_sample_sheet(path, check_files=CHECK_FILES, **kwargs)
+    if TOLERATE_BAD_FILES and workflow.is_main_process:
+        then = (
+            "exclude_failed_slides: it will be excluded"
+            if EXCLUDE_FAILED
+            else "--keep-going: its jobs will fail"
+        )
+        for row in sheet.itertuples():
+            try:
+                check_row_files(row, path)
+            except InputError as err:
+                print(f"srmil: warning: {err} ({then})", file=sys.stderr)
+    return sheet
 
 
 def load_samples():
@@ -48,21 +73,8 @@ def load_samples():
         ]
         sheet["mpp"] = float("nan")
         return sheet
-    sheet = read_sample_sheet(
-        config["samples"], check_files=CHECK_FILES, classes=config.get("classes")
-    )
+    sheet = read_sheet(config["samples"], classes=config.get("classes"))
     validate(sheet, "../schemas/samples.schema.yaml")
-    if KEEP_GOING:
-        # A missing or unreadable file fails only its slide's segment job (one line in its
-        # log), as a slide that turns out unreadable later does; the other slides go on.
-        for row in sheet.itertuples():
-            try:
-                check_row_files(row, config["samples"])
-            except InputError as err:
-                print(
-                    f"srmil: warning: {err} (--keep-going: its jobs will fail)",
-                    file=sys.stderr,
-                )
     return sheet
 
 
@@ -113,22 +125,61 @@ def as_json(value):
     return shlex.quote(json.dumps(value, sort_keys=True))
 
 
-def slide_path(wildcards):
-    path = SAMPLES.loc[wildcards.slide, "path"]
-    # Only with --keep-going can it be missing: the job then fails, not the whole DAG.
-    return path if not KEEP_GOING or Path(path).is_file() else []
+# Lookups in a sheet (the cohort's, or predict's new slides) for the per-slide rules.
+def sheet_file(sheet, column):
+    """Input function: the job's slide's file in `column` ([] for an empty cell). A missing file
+    is left out where bad files are tolerated: the job then fails or excludes the slide.
+    """
+
+    def lookup(wildcards):
+        path = sheet.loc[wildcards.slide, column]
+        if not path or (TOLERATE_BAD_FILES and not Path(path).is_file()):
+            return []
+        return path
+
+    return lookup
 
 
-def slide_annotation(wildcards):
-    annotation = SAMPLES.loc[wildcards.slide, "annotation"]
-    if not annotation or (KEEP_GOING and not Path(annotation).is_file()):
-        return []
-    return [annotation]
+def sheet_cell(sheet, column):
+    """Params function: the cell as written (the command checks the file and names it)."""
+    return lambda wildcards: sheet.loc[wildcards.slide, column]
 
 
-def slide_mpp(wildcards):
-    mpp = SAMPLES.loc[wildcards.slide, "mpp"]
-    return "" if pd.isna(mpp) else str(mpp)
+def sheet_mpp(sheet):
+    def mpp(wildcards):
+        value = sheet.loc[wildcards.slide, "mpp"]
+        return "" if pd.isna(value) else str(value)
+
+    return mpp
+
+
+def sheet_segment_params(sheet):
+    """config.yaml's segment section with the slide's `segment_<setting>` overrides."""
+    return lambda wildcards: as_json(
+        {**config["segment"], **segment_overrides(sheet.loc[wildcards.slide])}
+    )
+
+
+def slide_files(sheet):
+    """The slide files of a sheet that a job reading them all needs (heatmaps)."""
+    return [p for p in sheet["path"] if not TOLERATE_BAD_FILES or Path(p).is_file()]
+
+
+slide_path = sheet_file(SAMPLES, "path")
+slide_annotation = sheet_file(SAMPLES, "annotation")
+slide_mpp = sheet_mpp(SAMPLES)
+
+
+def on_bad_slide(wildcards, input):
+    """`--exclude-failed` for the per-slide stages under exclude_failed_slides. Taking `input`
+    makes this a param derived from the input, which Snakemake leaves out of its rerun check:
+    the option decides only what a failing job leaves behind, never a good slide's outputs, so
+    switching it must not redo the cohort's features. Training, evaluation and prediction take
+    it as a plain param (EXCLUDE_OPTION): switching it changes their cohort."""
+    return EXCLUDE_OPTION
+
+
+EXCLUDE_OPTION = "--exclude-failed" if EXCLUDE_FAILED else ""
 
 
 def mpp_fallback():
@@ -250,7 +301,7 @@ def load_predict_samples():
             f"{PREDICT['extractor']!r} must be among train.models ({', '.join(MODELS)}) "
             f"and features.extractors ({', '.join(EXTRACTORS)})"
         )
-    return read_sample_sheet(PREDICT["samples"], require_labels=False)
+    return read_sheet(PREDICT["samples"], require_labels=False)
 
 
 try:
@@ -260,20 +311,7 @@ except InputError as err:
 PREDICT_SLIDES = list(PREDICT_SAMPLES.index)
 # New slides may share ids with the cohort: their files live under results/predict/.
 PREDICT_SLIDE = "|".join(s.replace(".", r"\.") for s in PREDICT_SLIDES) or "(?!)"
-
-
-def predict_slide_path(wildcards):
-    return PREDICT_SAMPLES.loc[wildcards.slide, "path"]
-
-
-def predict_slide_annotation(wildcards):
-    annotation = PREDICT_SAMPLES.loc[wildcards.slide, "annotation"]
-    return [annotation] if annotation else []
-
-
-def predict_slide_mpp(wildcards):
-    mpp = PREDICT_SAMPLES.loc[wildcards.slide, "mpp"]
-    return "" if pd.isna(mpp) else str(mpp)
+predict_slide_path = sheet_file(PREDICT_SAMPLES, "path")
 
 
 def predict_stores(pattern):

@@ -12,7 +12,7 @@ rule evaluate_model:
         features=feature_stores,
         graphs=graph_stores,
         tiles=expand("results/tiles/{slide}.json", slide=SLIDES),
-        slides=[SAMPLES.loc[s, "path"] for s in SLIDES],
+        slides=slide_files(SAMPLES),
     output:
         metrics="results/eval/{model}/{extractor}/metrics.json",
         predictions="results/eval/{model}/{extractor}/predictions.csv",
@@ -65,11 +65,12 @@ rule evaluate_model:
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
         device=config["train"]["device"],
         options=evaluate_options(),
+        exclude_failed=EXCLUDE_OPTION,
     shell:
         "srmil evaluate --model {wildcards.model} --samples {input.samples:q}"
         " --splits {input.splits} --models-dir {params.models_dir}"
         " --features-dir {params.features_dir} --graphs-dir {params.graphs_dir}"
-        " --tiles-dir {params.tiles_dir} {params.options}"
+        " --tiles-dir {params.tiles_dir} {params.options} {params.exclude_failed}"
         " --device {params.device} --threads {threads} --out-dir {params.out_dir}"
         " > {log} 2>&1"
 
@@ -91,6 +92,12 @@ rule compare_models:
             category="Attention diagnostics",
             subcategory="all models / {extractor}",
         ),
+        left_out=report(
+            "results/eval/{extractor}/left_out.html",
+            caption="../report/left_out.rst",
+            category="Cohort",
+            subcategory="{extractor}",
+        ),
     log:
         "logs/evaluate/compare_{extractor}.log",
     benchmark:
@@ -109,6 +116,7 @@ rule compare_models:
     shell:
         "srmil compare --metrics {input.metrics} --models-dirs {params.models_dirs}"
         " --out-csv {output.csv} --out-md {output.md} --out-png {output.diagnostics}"
+        " --out-left-out {output.left_out}"
         " > {log} 2>&1"
 
 

@@ -23,13 +23,14 @@ rule extract_features:
         dtype=config["features"]["dtype"],
         read_block=config["features"]["read_block"],
         seed=config["seed"],
+        on_bad_slide=on_bad_slide,
     shell:
-        "srmil features --slide {input.slide:q} --tiles {input.tiles} --out {output}"
+        "srmil features --slide={input.slide:q} --tiles {input.tiles} --out {output}"
         " --extractor {wildcards.extractor} --backbone {params.backbone}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers}"
         " --device {params.device} --amp {params.amp} --dtype {params.dtype}"
         " --read-block {params.read_block}"
-        " --seed {params.seed} --threads {threads} > {log} 2>&1"
+        " --seed {params.seed} --threads {threads} {params.on_bad_slide} > {log} 2>&1"
 
 
 rule features:

@@ -14,8 +14,10 @@ rule build_graph:
         runtime=scaled(15),
     params:
         window=config["graph"]["window"],
+        on_bad_slide=on_bad_slide,
     shell:
-        "srmil graph --tiles {input} --out {output} --window {params.window} > {log} 2>&1"
+        "srmil graph --tiles {input} --out {output} --window {params.window}"
+        " {params.on_bad_slide} > {log} 2>&1"
 
 
 rule graphs:

@@ -2,7 +2,7 @@
 use rule segment_slide as predict_segment_slide with:
     input:
         slide=predict_slide_path,
-        annotation=predict_slide_annotation,
+        annotation=sheet_file(PREDICT_SAMPLES, "annotation"),
     output:
         geojson="results/predict/segment/{slide}.geojson",
         qc="results/predict/segment/{slide}.qc.png",
@@ -13,10 +13,11 @@ use rule segment_slide as predict_segment_slide with:
     wildcard_constraints:
         slide=PREDICT_SLIDE,
     params:
-        mpp=predict_slide_mpp,
-        params=lambda wc: as_json(
-            {**config["segment"], **segment_overrides(PREDICT_SAMPLES.loc[wc.slide])}
-        ),
+        # every sheet lookup of the cohort's rule, in the new slides' sheet
+        slide=sheet_cell(PREDICT_SAMPLES, "path"),
+        annotation=sheet_cell(PREDICT_SAMPLES, "annotation"),
+        mpp=sheet_mpp(PREDICT_SAMPLES),
+        params=sheet_segment_params(PREDICT_SAMPLES),
 
 
 use rule tile_slide as predict_tile_slide with:
@@ -34,7 +35,7 @@ use rule tile_slide as predict_tile_slide with:
     wildcard_constraints:
         slide=PREDICT_SLIDE,
     params:
-        mpp=predict_slide_mpp,
+        mpp=sheet_mpp(PREDICT_SAMPLES),
 
 
 use rule extract_features as predict_extract_features with:
@@ -75,7 +76,7 @@ rule predict_model:
         features=predict_stores("results/predict/features/{extractor}/{slide}.zarr"),
         graphs=predict_stores("results/predict/graphs/{slide}.zarr"),
         tiles=predict_stores("results/predict/tiles/{slide}.json"),
-        slides=list(PREDICT_SAMPLES["path"]),
+        slides=slide_files(PREDICT_SAMPLES),
     output:
         predictions="results/predict/{model}/{extractor}/predictions.csv",
         heatmaps=report(
@@ -104,13 +105,14 @@ rule predict_model:
         top_patches=config.get("evaluate", {}).get("top_patches", 8),
         heatmap_px=config.get("evaluate", {}).get("heatmap_px", 1024),
         device=config["train"]["device"],
+        exclude_failed=EXCLUDE_OPTION,
     shell:
         "srmil predict --samples {input.samples:q} --models-dir {params.models_dir}"
         " --extractor {wildcards.extractor} --features-dir {params.features_dir}"
         " --graphs-dir {params.graphs_dir} --tiles-dir {params.tiles_dir}"
         " --top-patches {params.top_patches} --heatmap-px {params.heatmap_px}"
         " --device {params.device} --threads {threads} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        " {params.exclude_failed} > {log} 2>&1"
 
 
 rule predict:

@@ -1,6 +1,3 @@
-from srmil.samples import segment_overrides
-
-
 rule segment_slide:
     input:
         slide=slide_path,
@@ -23,18 +20,16 @@ rule segment_slide:
         runtime=scaled(15),
     params:
         # the sheet's paths, which the command checks (inputs leave out missing files)
-        slide=lambda wc: SAMPLES.loc[wc.slide, "path"],
-        annotation=lambda wc: SAMPLES.loc[wc.slide, "annotation"],
+        slide=sheet_cell(SAMPLES, "path"),
+        annotation=sheet_cell(SAMPLES, "annotation"),
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
-        # config.yaml's segment section with this slide's sample-sheet overrides
-        params=lambda wc: as_json(
-            {**config["segment"], **segment_overrides(SAMPLES.loc[wc.slide])}
-        ),
+        params=sheet_segment_params(SAMPLES),
+        on_bad_slide=on_bad_slide,
     shell:
         "srmil segment --slide {params.slide:q} --annotation={params.annotation:q}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
-        " --out {output.geojson} --qc {output.qc} > {log} 2>&1"
+        " --out {output.geojson} --qc {output.qc} {params.on_bad_slide} > {log} 2>&1"
 
 
 rule segment:

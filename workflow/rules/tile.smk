@@ -23,10 +23,12 @@ rule tile_slide:
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
         params=as_json(config["tile"]),
+        on_bad_slide=on_bad_slide,
     shell:
-        "srmil tile --slide {input.slide:q} --tissue {input.tissue}"
+        "srmil tile --slide={input.slide:q} --tissue {input.tissue}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
-        " --seg-qc {input.seg_qc} --qc {output.qc} --out {output.tiles} > {log} 2>&1"
+        " --seg-qc {input.seg_qc} --qc {output.qc} --out {output.tiles}"
+        " {params.on_bad_slide} > {log} 2>&1"
 
 
 rule tile:

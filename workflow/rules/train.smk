@@ -68,13 +68,14 @@ rule train_fold:
         ),
         device=config["train"]["device"],
         seed=config["seed"],
+        exclude_failed=EXCLUDE_OPTION,
     shell:
         "srmil train --model {wildcards.model} --fold {wildcards.fold}"
         " --samples {input.samples:q} --splits {input.splits}"
         " --features-dir {params.features_dir} --graphs-dir {params.graphs_dir}"
         " --model-params {params.model_params} --train-params {params.train_params}"
         " --seed {params.seed} --device {params.device} --threads {threads}"
-        " --out {output.model} > {log} 2>&1"
+        " {params.exclude_failed} --out {output.model} > {log} 2>&1"
 
 
 rule train:
