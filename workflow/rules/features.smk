@@ -22,13 +22,14 @@ rule extract_features:
         amp=config["features"]["amp"],
         dtype=config["features"]["dtype"],
         read_block=config["features"]["read_block"],
+        reader=config["features"]["reader"],
         seed=config["seed"],
     shell:
         "srmil features --slide {input.slide:q} --tiles {input.tiles} --out {output}"
         " --extractor {wildcards.extractor} --backbone {params.backbone}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers}"
         " --device {params.device} --amp {params.amp} --dtype {params.dtype}"
-        " --read-block {params.read_block}"
+        " --read-block {params.read_block} --reader {params.reader}"
         " --seed {params.seed} --threads {threads} > {log} 2>&1"
 
 
