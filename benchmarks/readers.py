@@ -5,11 +5,15 @@ In one run:
 1. Decoders (the measurement behind the choice of library): CPU time per tile of each JPEG
    decoder that is installed, on the tissue tiles of a generated demo SVS, at full size and at
    1/2, and whether it refuses a tile whose data is cut short (OpenSlide does).
-2. Readers: patches per CPU-second of the calling thread (both readers decode in it), reading
-   each tile set in the pipeline's order and chunks from a fresh reader, alternating the two
-   readers `--repeats` times, on (a) a 0.5 µm/px JPEG SVS at 224 px, (b) a 0.25 µm/px SVS read
-   at 0.5 µm/px (448 px shrunk to 224), (c) a generic tiled TIFF. Median ratio reported.
-3. Pipeline: benchmarks/features.py's forward-only vs pipeline ratio (reader auto), per model.
+2. Readers: patches per CPU-second of the process (both readers decode in the calling thread),
+   reading each tile set in the pipeline's order and chunks from a fresh reader, alternating
+   the two readers `--repeats` times, on (a) a 0.5 µm/px JPEG SVS at 224 px, (b) a 0.25 µm/px
+   SVS read at 0.5 µm/px (448 px shrunk to 224), (c) a generic tiled TIFF. Median ratio
+   reported. tiffslide and fastslide, where installed, read the same patches for reference.
+3. Pipeline: the CPU time per patch the pipeline spends around the backbone (a free backbone,
+   both readers, on the (a) and (c) slides) against each model's forward CPU time per patch,
+   which bounds the pipeline / forward-only ratio; then benchmarks/features.py's measured
+   pipeline / forward-only ratio (reader auto), per model.
 
 Freed memory is retained as in `srmil features` (srmil.device.retain_freed_memory), for both
 readers. CPU time, not wall time, so other load on a shared machine matters less.
@@ -33,16 +37,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
+RESNET_CONFIG = {
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+}
 _spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "features.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 from srmil import store  # noqa: E402
+from srmil.backbones import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from srmil.demo import write_demo  # noqa: E402
 from srmil.device import retain_freed_memory  # noqa: E402
-from srmil.features import THREAD_CHUNK, ChunkDataset, plan_batches, split_chunks  # noqa: E402
+from srmil.features import (  # noqa: E402
+    THREAD_CHUNK,
+    ChunkDataset,
+    extract_features,
+    plan_batches,
+    split_chunks,
+)
 from srmil.readers import choose_reader  # noqa: E402
 from srmil.samples import read_sample_sheet  # noqa: E402
 from srmil.segment import segment_slide  # noqa: E402
@@ -57,11 +75,10 @@ def tissue_tiles(slide: str, tiles_json: Path) -> tuple[list[bytes], Any]:
     size = int(plan["read_px"])
     ids = sorted(
         {
-            (y // level.tile_h + j) * level.across + x // level.tile_w + i
+            row * level.across + col
             for x, y in coords.tolist()
-            for i in range(size // level.tile_w + 2)
-            for j in range(size // level.tile_h + 2)
-            if x // level.tile_w + i < level.across and y // level.tile_h + j < level.down
+            for col in range(x // level.tile_w, min(level.across, -(-(x + size) // level.tile_w)))
+            for row in range(y // level.tile_h, min(level.down, -(-(y + size) // level.tile_h)))
         }
     )
     with open(slide, "rb") as f:
@@ -76,8 +93,20 @@ def decoders(streams: list[bytes], level, slide: str, rounds: int) -> list[dict[
     """Tiles per CPU-second of each installed decoder (median of interleaved rounds), and
     whether a stream cut in half is refused (an error) or decoded into garbage silently."""
     import cv2
+    import torch
 
+    # One thread each (CPU time of the decode itself); restored for the pipeline after.
+    threads = cv2.getNumThreads(), torch.get_num_threads()
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        return _decoders(streams, level, slide, rounds)
+    finally:
+        cv2.setNumThreads(threads[0])
+        torch.set_num_threads(threads[1])
+
+
+def _decoders(streams: list[bytes], level, slide: str, rounds: int) -> list[dict[str, Any]]:
     candidates: dict[str, Any] = {}
     th, tw = level.tile_h, level.tile_w
 
@@ -114,7 +143,6 @@ def decoders(streams: list[bytes], level, slide: str, rounds: int) -> list[dict[
     def torchvision_decode(m):
         import torch
 
-        torch.set_num_threads(1)
         return lambda b: m.decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8))
 
     add("torchvision.io.decode_jpeg (CPU)", "torchvision.io", torchvision_decode)
@@ -172,12 +200,44 @@ def decoders(streams: list[bytes], level, slide: str, rounds: int) -> list[dict[
 
 
 def read_cpu_s(slide: str, coords, plan, chunks, reader) -> float:
-    """CPU seconds (this thread) to read every patch of a tile set, from a fresh reader."""
+    """Process CPU seconds to read every patch of a tile set, from a fresh reader (both of
+    srmil's readers decode in the calling thread; other readers may use threads of their own)."""
     data = ChunkDataset(slide, coords, plan, chunks, reader=reader)
-    start = time.thread_time()
+    start = time.process_time()
     for i in range(len(data)):
         data[i]
-    return time.thread_time() - start
+    return time.process_time() - start
+
+
+def other_reader_cpu_s(name: str, slide: str, coords, plan) -> float | None:
+    """The same patches through another whole-slide reader where installed (tiffslide,
+    fastslide): its read_region at the plan's level and size, INTER_AREA to patch_px."""
+    import cv2
+
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    level, read_px, patch_px = int(plan["level"]), int(plan["read_px"]), int(plan["patch_px"])
+    if name == "fastslide":
+        handle = module.FastSlide.from_file_path(slide, cache=96 << 20)
+        ds = handle.level_downsamples[level]
+
+        def read(x: int, y: int) -> np.ndarray:
+            xy = (round(x / ds), round(y / ds))  # fastslide takes level coordinates
+            return handle.read_region(xy, level, (read_px, read_px)).numpy()[..., :3]
+    else:
+        handle = module.TiffSlide(slide)
+
+        def read(x: int, y: int) -> np.ndarray:
+            return np.asarray(handle.read_region((x, y), level, (read_px, read_px)))[..., :3]
+
+    start = time.process_time()
+    for x, y in coords.tolist():
+        rgb = read(x, y)
+        if read_px != patch_px:
+            cv2.resize(rgb, (patch_px, patch_px), interpolation=cv2.INTER_AREA)
+    return time.process_time() - start
 
 
 def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> dict[str, Any]:
@@ -186,12 +246,17 @@ def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> di
     chunks = split_chunks(plan_batches(coords, plan, 64, 1), THREAD_CHUNK)
     read_cpu_s(slide, coords, plan, chunks, choice)  # page cache, allocator
     rates: dict[str, list[float]] = {"openslide": [], "jpeg-tiles": []}
+    others: dict[str, list[float]] = {"tiffslide": [], "fastslide": []}
     for r in range(repeats):
         order = ("openslide", "jpeg-tiles") if r % 2 == 0 else ("jpeg-tiles", "openslide")
         for name in order:
             reader = choice if name == "jpeg-tiles" else None
             seconds = read_cpu_s(slide, coords, plan, chunks, reader)
             rates[name].append(len(coords) / seconds)
+        for name, values in others.items():
+            seconds = other_reader_cpu_s(name, slide, coords, plan)
+            if seconds:
+                values.append(len(coords) / seconds)
     ratios = [t / o for t, o in zip(rates["jpeg-tiles"], rates["openslide"], strict=True)]
     row = {
         "case": case,
@@ -204,15 +269,84 @@ def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> di
         "tiles_per_cpu_s": statistics.median(rates["jpeg-tiles"]),
         "ratios": ratios,
         "ratio_median": statistics.median(ratios),
+        "others_per_cpu_s": {k: statistics.median(v) for k, v in others.items() if v},
     }
     print(
         f"{case}: {len(coords)} patches, read {plan['read_px']} -> {plan['patch_px']} px, "
         f"DCT 1/{choice.dct_scale}: OpenSlide {row['openslide_per_cpu_s']:.0f}, tile reader "
         f"{row['tiles_per_cpu_s']:.0f} patches/CPU-s, ratio {row['ratio_median']:.2f} "
-        f"({', '.join(f'{x:.2f}' for x in ratios)})",
+        f"({', '.join(f'{x:.2f}' for x in ratios)})"
+        + "".join(f"; {k} {v:.0f}" for k, v in row["others_per_cpu_s"].items()),
         flush=True,
     )
     return row
+
+
+class MeanColour(torch.nn.Module):
+    """A backbone that costs nothing: the pipeline's own CPU time is all that is left."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def pipeline_overhead(tile_sets, work: Path, repeats: int, models: list[str]) -> dict[str, Any]:
+    """Process CPU ms per patch of the whole pipeline (read, preprocess, store) around a free
+    backbone, per reader, and each model's forward CPU ms per patch (random tensors, batch
+    32): forward / (forward + overhead) is the pipeline ratio's ceiling, measured in CPU time
+    (load from other processes changes it less than wall-clock ratios)."""
+    free = Backbone(MeanColour(), BackboneSpec("mean-colour"), 3, RESNET_CONFIG, "none")
+    patches = sum(len(store.read_tiles(t)[0]) for _, t in tile_sets)
+    ms: dict[str, list[float]] = {"openslide": [], "auto": []}
+    # One torch thread: around a free backbone OpenMP's spin-waits between the small ops would
+    # be most of the CPU time; beside a real forward pass they are a small part of its own.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for r in range(repeats + 1):  # the first round warms up
+            for reader in ("openslide", "auto") if r % 2 == 0 else ("auto", "openslide"):
+                start = time.process_time()
+                for slide, tiles in tile_sets:
+                    extract_features(
+                        slide,
+                        tiles,
+                        work / "free.zarr",
+                        free,
+                        "free",
+                        batch_size=32,
+                        progress=False,
+                        reader=reader,
+                    )
+                if r:
+                    ms[reader].append(1e3 * (time.process_time() - start) / patches)
+    finally:
+        torch.set_num_threads(threads)
+    out: dict[str, Any] = {
+        "patches": patches,
+        "overhead_ms": {k: statistics.median(v) for k, v in ms.items()},
+    }
+    print(
+        f"pipeline CPU per patch around a free backbone ({patches} patches): "
+        + ", ".join(f"{k} {v:.3f} ms" for k, v in out["overhead_ms"].items()),
+        flush=True,
+    )
+    for name in models:
+        backbone = load_backbone({"model": name, "pretrained": False}, seed=0)
+        bench.forward_only(backbone, 64, 32, torch.device("cpu"), "none")  # warm-up
+        cpu = [
+            bench.forward_only(backbone, 256, 32, torch.device("cpu"), "none")[1]
+            for _ in range(repeats)
+        ]
+        forward = 1e3 * statistics.median(cpu) / 256
+        out[name] = {
+            "forward_ms": forward,
+            "ceiling": {k: forward / (forward + v) for k, v in out["overhead_ms"].items()},
+        }
+        print(
+            f"{name}: forward {forward:.1f} ms CPU per patch; ceiling of the pipeline ratio "
+            + ", ".join(f"{k} {v:.3f}" for k, v in out[name]["ceiling"].items()),
+            flush=True,
+        )
+    return out
 
 
 def prepare(work: Path, name: str, mpp: float, width: int, height: int, target: float):
@@ -255,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             compare_readers("(b) 0.25 µm/px SVS read at 0.5 µm/px", *quarter[".svs"], args.repeats),
             compare_readers("(c) generic tiled TIFF, 224 px", *half[".tif"], args.repeats),
         ]
+        if args.models:
+            sets = [half[".svs"], half[".tif"]]
+            result["overhead"] = pipeline_overhead(sets, work, args.repeats, args.models)
     if args.models:
         result["pipeline"] = bench.main(
             ["--models", *args.models, "--reader", "auto", *args.pipeline_args.split()]

@@ -366,3 +366,24 @@ def test_threads_sharing_a_reader_get_the_same_pixels(slides: dict[str, Path]) -
         for _ in range(3):
             list(pool.map(read, range(0, len(grid), 4)))
             assert np.array_equal(out, expected)
+
+
+def test_cli_takes_the_reader(slides: dict[str, Path], tiles: Path, tmp_path: Path) -> None:
+    """`srmil features --reader openslide` (the workflow passes features.reader)."""
+    from srmil.cli import main
+
+    argv = ["features", "--slide", str(slides["demo_svs"]), "--tiles", str(tiles), "--out"]
+    argv += [
+        str(tmp_path / "c.zarr"),
+        "--extractor",
+        "r18",
+        "--backbone",
+        '{"model": "resnet18", "pretrained": false}',
+        "--no-progress",
+        "--reader",
+        "openslide",
+    ]
+    assert main(argv) == 0
+    assert zarr.open_group(str(tmp_path / "c.zarr"), mode="r").attrs["reader"]["name"] == (
+        "openslide"
+    )
