@@ -20,6 +20,7 @@ readers. CPU time, not wall time, so other load on a shared machine matters less
 
     python benchmarks/readers.py                              # all three, resnet18 + resnet50
     python benchmarks/readers.py --models                     # decoders and readers only
+    python benchmarks/readers.py --no-ratio                   # all but features.py's ratio
 """
 
 from __future__ import annotations
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="--slides 2 --width 8192 --height 6144 --max-patches 200 --repeats 5",
         help="benchmarks/features.py arguments",
     )
+    p.add_argument("--no-ratio", action="store_true", help="skip benchmarks/features.py's run")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     retain_freed_memory()  # as `srmil features` runs, for both readers
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.models:
             sets = [half[".svs"], half[".tif"]]
             result["overhead"] = pipeline_overhead(sets, work, args.repeats, args.models)
-    if args.models:
+    if args.models and not args.no_ratio:
         result["pipeline"] = bench.main(
             ["--models", *args.models, "--reader", "auto", *args.pipeline_args.split()]
         )
