@@ -62,7 +62,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "medium": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
         "--max-patches 200 --repeats 5".split(),
-        "readers": ["--models"],
+        "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": [],
         "mil": [],
@@ -70,7 +70,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "large": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
         "--repeats 5".split(),
-        "readers": ["--models"],
+        "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": "--sizes 10000 100000 1000000 3000000 --shuffled".split(),
         "mil": "--sizes 1000 10000 100000 --repeats 5".split(),

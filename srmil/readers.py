@@ -133,12 +133,14 @@ def inspect_level(path: str, slide: openslide.OpenSlide, level: int) -> JpegLeve
             offsets = np.asarray(page.dataoffsets, dtype=np.int64)
             counts = np.asarray(page.databytecounts, dtype=np.int64)
             tables = page.jpegtables
+            tif.filehandle.seek(int(offsets[0]))
+            first = tif.filehandle.read(int(counts[0]))
     except Exception as err:  # any surprise in the file: OpenSlide reads it, as before
         return f"TIFF structure not readable by tifffile ({one_line(err)})"
     compression, planar, bits, samples, photometric, depth = layout
     if compression != 7:
-        name = getattr(tifffile.COMPRESSION, "_value2member_map_", {}).get(compression)
-        return f"level {level} is compressed with {getattr(name, 'name', compression)}, not JPEG"
+        names = {c.value: c.name for c in tifffile.COMPRESSION}
+        return f"level {level} is compressed with {names.get(compression, compression)}, not JPEG"
     if (planar, bits, samples, depth) != (1, 8, 3, 1) or photometric not in (2, 6):
         return f"level {level} is not 8-bit interleaved RGB/YCbCr JPEG"
     if len(counts) != -(-width // tile_w) * -(-height // tile_h) or (counts <= 0).any():
@@ -147,9 +149,6 @@ def inspect_level(path: str, slide: openslide.OpenSlide, level: int) -> JpegLeve
         return f"level {level} has malformed JPEGTables"
     colorspace = "YCbCr" if photometric == 6 else "RGB"
     segments = tables[2:-2] if tables else b""
-    with open(path, "rb") as f:
-        f.seek(int(offsets[0]))
-        first = f.read(int(counts[0]))
     # The colour space libjpeg would guess from the stream; where it is not the one the TIFF
     # names, an Adobe marker says it (and where even that does not take, OpenSlide reads it).
     for prefix in (SOI + segments, SOI + ADOBE[colorspace] + segments):
