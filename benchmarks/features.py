@@ -12,6 +12,7 @@ setting `srmil features` uses (freed memory retained, srmil.device.retain_freed_
 both without it (`--malloc-defaults`).
 
     python benchmarks/features.py --models resnet18 resnet50          # CPU, the default
+    python benchmarks/features.py --reader openslide                  # patches through OpenSlide
     python benchmarks/features.py --device cuda --amp bf16 --batch-size 256
 """
 
@@ -117,6 +118,7 @@ def pipeline(backbone, slide: tuple[str, Path, int], out: Path, args):
         dtype="float16",
         read_block=args.read_block,
         progress=False,
+        reader=getattr(args, "reader", "auto"),
     )
     return time.perf_counter() - wall, time.process_time() - cpu
 
@@ -197,6 +199,7 @@ def environment(args) -> dict[str, Any]:
         "amp": str(amp_dtype(device, args.amp)).replace("torch.", ""),
         "batch_size": args.batch_size,
         "read_block": args.read_block,
+        "reader": getattr(args, "reader", "auto"),
         "python": sys.version.split()[0],
     }
     return env
@@ -206,7 +209,7 @@ def markdown(env: dict[str, Any], results: list[dict[str, Any]], extra: str = ""
     lines = [
         f"device {env['device_name']}, torch {env['torch']}, {env['torch_threads']} threads, "
         f"readers {env['readers']}, AMP {env['amp']}, batch {env['batch_size']}, "
-        f"allocator {env['allocator']}",
+        f"allocator {env['allocator']}, reader {env.get('reader', 'auto')}",
         "",
         "| model | patches/repeat | forward-only patches/s | pipeline patches/s | ratio (median) "
         "| ratio per repeat | median of slide pairs (n) | CPU-time ratio (median) |",
@@ -238,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto")
     p.add_argument("--workers", default="auto")
     p.add_argument("--read-block", type=int, default=1)
+    p.add_argument("--reader", default="auto", choices=["auto", "openslide", "jpeg-tiles"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--malloc-defaults",

@@ -2,11 +2,16 @@
 
 Checks: CUDA is chosen by `device: auto`; AMP bf16 and fp16 give finite features close to fp32;
 the model and its input are channels-last; reader output arrives in pinned memory and
-non-blocking copies are exact; extract_features on CUDA (bf16, fp16) agrees with CPU fp32.
-Timings: per model, forward-only on random tensors vs the full pipeline (benchmarks/features.py
-does the measuring), the readers' own ceiling (no model), and the readers' start-up (first
-chunk) apart from their steady rate, per reader count. Writes gpu_check.json and
-gpu_check.md to --out. Every check is recorded, none stops the run.
+non-blocking copies are exact; extract_features on CUDA (bf16, fp16) agrees with CPU fp32;
+the JPEG tile reader's GPU decoding (nvJPEG via torchvision) gives OpenSlide's pixels on the
+demo slides and on an Aperio-style RGB-JPEG slide with shared tables (max and mean difference
+recorded), refuses a corrupt tile with the damaged-file error, and its features agree with the
+OpenSlide reader's. Timings: per model and per reader (`--readers`: auto = GPU decoding, and
+openslide), forward-only on random tensors vs the full pipeline (benchmarks/features.py does
+the measuring), the readers' own ceiling (no model; OpenSlide reader processes, and one thread
+reading compressed tiles for the GPU decoder), and the readers' start-up (first chunk) apart
+from their steady rate, per reader count. Writes gpu_check.json and gpu_check.md to --out.
+Every check is recorded, none stops the run.
 
     python benchmarks/gpu_check.py --slides-dir COHORT --out $OUT            # on the GPU
     python benchmarks/gpu_check.py --small --out /tmp/gpu_check              # rehearsal, CPU
@@ -15,6 +20,7 @@ gpu_check.md to --out. Every check is recorded, none stops the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import time
@@ -174,8 +180,150 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
         return {"ok": ok, **out}
 
     check("extract_cuda_vs_cpu", agreement)
+
+    def gpu_decode_pixels() -> dict[str, Any]:
+        """Patches decoded on the device against OpenSlide read_region, edges included."""
+        from srmil.gpu_decode import decode_patches
+        from srmil.readers import choose_reader
+        from srmil.slide import open_slide, to_rgb
+
+        out: dict[str, Any] = {}
+        for path in [s[0] for s in slides] + [str(aperio_rgb_slide(slides, work))]:
+            handle = open_slide(path)
+            width, height = handle.dimensions
+            rng = np.random.default_rng(0)
+            origins = np.stack([rng.integers(0, width, 96), rng.integers(0, height, 96)], 1)
+            edges = [[width - 224, height - 224], [width - 100, 10], [5, height - 50]]
+            origins = np.concatenate([origins, edges]).astype(np.int64)
+            plan = {
+                "level": 0,
+                "level_downsample": 1.0,
+                "read_px": 224,
+                "patch_px": 224,
+                "stride_level0": 224,
+            }
+            choice = choose_reader(path, handle, origins, plan)
+            data = ChunkDataset(
+                path, origins, plan, [np.arange(len(origins))], reader=choice, encoded=True
+            )
+            got = decode_patches(data[0][0], device, 224, path, 0).cpu().numpy().astype(int)
+            ref = np.stack(
+                [to_rgb(handle.read_region(tuple(map(int, o)), 0, (224, 224))) for o in origins]
+            ).astype(int)
+            diff = np.abs(got - ref)
+            out[Path(path).name] = {
+                "reader": choice.name,
+                "colorspace": choice.level.colorspace,
+                "max_diff": int(diff.max()),
+                "mean_diff_per_channel": diff.mean((0, 1, 2)).round(3).tolist(),
+            }
+        ok = all(
+            v["max_diff"] <= 2 and max(v["mean_diff_per_channel"]) <= 0.5 for v in out.values()
+        )
+        return {"ok": ok, **out}
+
+    check("gpu_decode_pixels", gpu_decode_pixels)
+
+    def gpu_decode_corrupt_tile() -> dict[str, Any]:
+        """A tile with noise in its entropy-coded data: nvJPEG must not hand back garbage."""
+        from srmil.gpu_decode import decode_patches
+        from srmil.readers import choose_reader
+        from srmil.slide import SlideError, open_slide
+
+        src = aperio_rgb_slide(slides, work)
+        damaged = work / "damaged.svs"
+        col, row = tests_slides().damage_tile(src, damaged, 7)
+        origin = np.array([[col * 240 + 10, row * 240 + 20]])
+        plan = {
+            "level": 0,
+            "level_downsample": 1.0,
+            "read_px": 224,
+            "patch_px": 224,
+            "stride_level0": 224,
+        }
+        choice = choose_reader(str(damaged), open_slide(damaged), origin, plan)
+        data = ChunkDataset(str(damaged), origin, plan, [np.arange(1)], reader=choice, encoded=True)
+        try:
+            decode_patches(data[0][0], device, 224, str(damaged), 0)
+        except SlideError as err:
+            return {"ok": "cannot be read" in str(err), "error": str(err)[-160:]}
+        return {"ok": False, "error": "decoded without an error (garbage patch)"}
+
+    check("gpu_decode_corrupt_tile", gpu_decode_corrupt_tile)
+
+    def features_readers() -> dict[str, Any]:
+        """extract_features on the device with each reader: cosine per patch."""
+        slide, tiles, _ = slides[0]
+        coords, fraction, plan = store.read_tiles(tiles)
+        small = work / "readers.json"
+        store.write_tiles(small, coords[:128], fraction[:128], plan)
+        feats, out = {}, {}
+        for reader in ("openslide", "auto"):
+            extract_features(
+                slide,
+                small,
+                work / f"r_{reader}.zarr",
+                backbone,
+                "check",
+                batch_size=64,
+                device=args.device,
+                amp="none",
+                dtype="float32",
+                progress=False,
+                reader=reader,
+            )
+            feats[reader], _, attrs = store.read_feature_store(work / f"r_{reader}.zarr")
+            out[reader] = attrs["reader"]
+        out["cosine_min"] = cosine_min(feats["auto"], feats["openslide"])
+        return {"ok": out["cosine_min"] >= 0.9999, **out}
+
+    check("features_readers", features_readers)
     backbone.model.cpu()
     return checks
+
+
+def tests_slides():
+    """tests/jpeg_slides.py (the writer of Aperio-style RGB-JPEG slides), loaded by path."""
+    spec = importlib.util.spec_from_file_location(
+        "srmil_jpeg_slides", HERE.parent / "tests" / "jpeg_slides.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def aperio_rgb_slide(slides, work: Path) -> Path:
+    """An Aperio-style SVS with RGB-encoded JPEG tiles and shared tables, from a demo slide's
+    pixels at an odd size (written once)."""
+    from srmil.slide import open_slide, to_rgb
+
+    path = work / "aperio_rgb.svs"
+    if not path.exists():
+        pixels = to_rgb(open_slide(slides[0][0]).read_region((64, 32), 0, (1234, 1001)))
+        tests_slides().write_jpeg_slide(path, pixels, "RGB", tile=240)
+    return path
+
+
+def reading_only_gpu(slides, batch_size: int, device: torch.device) -> float:
+    """Patches/s of the tile reader feeding the device decoder (one thread reads compressed
+    tiles, the device decodes and cuts), no model."""
+    from srmil.gpu_decode import decode_patches
+    from srmil.readers import choose_reader
+    from srmil.slide import open_slide
+
+    total = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for slide, tiles, _ in slides:
+        coords, _, plan = store.read_tiles(tiles)
+        choice = choose_reader(slide, open_slide(slide), coords, plan, "jpeg-tiles")
+        choice = dataclasses.replace(choice, dct_scale=1)  # the device decodes full tiles
+        chunks = split_chunks(plan_batches(coords, plan, batch_size, 1))
+        data = ChunkDataset(slide, coords, plan, chunks, reader=choice, encoded=True)
+        for enc, _ in iterate_chunks(data, 0, pin_memory=False):
+            total += len(decode_patches(enc, device, data.patch_px, slide, data.level))
+    sync()
+    return total / (time.perf_counter() - start)
 
 
 def scan_readers(slides, device: torch.device, counts: list[int]) -> dict[str, Any]:
@@ -221,15 +369,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--small", action="store_true", help="CPU rehearsal: tiny sizes")
+    p.add_argument(
+        "--readers",
+        nargs="+",
+        default=["auto", "openslide"],
+        help="pipeline timings per reader (auto: the JPEG tile reader, GPU decoding)",
+    )
     args = p.parse_args()
     args.device, args.amp, args.workers, args.read_block = "auto", "bf16", "auto", 1
+    args.reader = args.readers[0]
     args.threads = None
     if args.small:
         args.models, args.check_model = ["resnet18"], "resnet18"
         args.batch_size, args.repeats, args.passes = 16, 1, 1
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
+    retained = bench.retain_freed_memory()  # as `srmil features` runs
     report: dict[str, Any] = {"environment": bench.environment(args)}
+    report["environment"]["allocator"] = "freed memory retained" if retained else "defaults"
     print(json.dumps(report["environment"]), flush=True)
     import tempfile
 
@@ -247,17 +404,27 @@ def main() -> None:
             rate = bench.reading_only(slides, args.batch_size, workers, block, device)
             reading[f"block_{block}"] = {"readers": workers or "1 thread", "patches_per_s": rate}
             print(f"reading only, block {block}: {rate:.0f} patches/s", flush=True)
+        rate = reading_only_gpu(slides, args.batch_size, device)
+        reading["jpeg_tiles_device_decode"] = {
+            "readers": "1 thread + " + device.type,
+            "patches_per_s": rate,
+        }
+        print(f"reading only, JPEG tiles decoded on {device.type}: {rate:.0f} patches/s")
         report["reading_only"] = reading
         counts = [0, 1, 4, 8, resolve_workers("auto", device)] if not args.small else [0, 1]
         report["reader_scan"] = scan_readers(slides, device, sorted(set(counts)))
         report["throughput"] = []
-        for model in args.models:
-            try:
-                report["throughput"].append(bench.bench_model(model, slides, work, args))
-            except Exception as err:  # noqa: BLE001 - keep what the other models give
-                traceback.print_exc()
-                report["throughput"].append({"model": model, "error": repr(err)})
-            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        for reader in args.readers:
+            args.reader = reader
+            for model in args.models:
+                try:
+                    result = bench.bench_model(model, slides, work, args)
+                    result["model"] = f"{model} (reader {reader})"
+                    report["throughput"].append(result)
+                except Exception as err:  # noqa: BLE001 - keep what the other models give
+                    traceback.print_exc()
+                    report["throughput"].append({"model": model, "error": repr(err)})
+                (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     good = [r for r in report["throughput"] if "error" not in r]
     checks = "\n".join(
         f"- {name}: {'ok' if c['ok'] else 'FAILED'} "

@@ -1,9 +1,10 @@
-"""Run the four CPU benchmarks at one size and write one summary table.
+"""Run the five CPU benchmarks at one size and write one summary table.
 
-Each benchmark (features.py, segment_tile.py, graph.py, mil.py) still measures srmil and its
-comparison side by side in one run, so that load from other jobs hits both sides; this script
-only picks their settings per size, runs them in turn (in this process; mil.py starts its own
-processes), and writes one row per figure with the exact command that reproduces it.
+Each benchmark (features.py, readers.py, segment_tile.py, graph.py, mil.py) still measures
+srmil and its comparison side by side in one run, so that load from other jobs hits both sides;
+this script only picks their settings per size, runs them in turn (in this process; mil.py
+starts its own processes), and writes one row per figure with the exact command that
+reproduces it.
 
     python benchmarks/run_all.py --size small          # about 5 minutes on 2 cores
     python benchmarks/run_all.py --size medium         # the docs' settings, about 20 minutes
@@ -38,7 +39,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-BENCHMARKS = ("features", "segment_tile", "graph", "mil")
+BENCHMARKS = ("features", "readers", "segment_tile", "graph", "mil")
 
 # Command-line arguments of each benchmark per size. "medium" is what docs/*.md quote; "tiny"
 # (hidden) only checks that everything runs, for tests/test_benchmarks.py.
@@ -46,12 +47,14 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "tiny": {
         "features": "--models resnet18 --slides 1 --width 2048 --height 1536 --max-patches 16 "
         "--batch-size 8 --repeats 1".split(),
+        "readers": "--width 2048 --height 1536 --repeats 1 --models".split(),
         "segment_tile": "--slides demo --large none".split(),
         "graph": "--sizes 1000 10000 --repeats 1".split(),
         "mil": "--sizes 1000 --repeats 1".split(),
     },
     "small": {
         "features": "--models resnet18 --slides 2 --max-patches 100 --repeats 5".split(),
+        "readers": "--width 4096 --height 3072 --repeats 3 --models".split(),
         "segment_tile": "--slides demo demo_pen biopsy --large none".split(),
         "graph": "--sizes 10000 30000 100000 300000".split(),
         "mil": "--sizes 1000 10000".split(),
@@ -59,6 +62,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "medium": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
         "--max-patches 200 --repeats 5".split(),
+        "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": [],
         "mil": [],
@@ -66,6 +70,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "large": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
         "--repeats 5".split(),
+        "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": "--sizes 10000 100000 1000000 3000000 --shuffled".split(),
         "mil": "--sizes 1000 10000 100000 --repeats 5".split(),
@@ -99,7 +104,8 @@ def features_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -
                 "measured": f"feature extraction, {r['model']}, {env['device_name']} "
                 f"({env['torch_threads']} torch threads, batch {env['batch_size']}, allocator "
                 f"{env['allocator']}): the whole "
-                "pipeline (OpenSlide reads to Zarr store) against the forward pass alone, "
+                f"pipeline (reader {env.get('reader', 'auto')}, reads to Zarr store) against "
+                "the forward pass alone, "
                 f"{r['patches_per_repeat']} patches x {len(r['repeats'])} repeat(s), alternated "
                 "slide by slide",
                 "srmil": f"pipeline {r['pipeline_median']:.1f} patches/s",
@@ -111,6 +117,24 @@ def features_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -
             }
         )
     return rows
+
+
+def readers_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -> list[Row]:
+    cases = result["readers"]
+    return [
+        {
+            "measured": "patch reading, patches per CPU-second of the reading thread: the JPEG "
+            "tile reader against OpenSlide's read_region, "
+            + "; ".join(f"{r['case']} ({r['patches']} patches)" for r in cases),
+            "srmil": ", ".join(f"{r['tiles_per_cpu_s']:.0f}" for r in cases) + " patches/CPU-s",
+            "comparison": "OpenSlide "
+            + ", ".join(f"{r['openslide_per_cpu_s']:.0f}" for r in cases)
+            + " patches/CPU-s",
+            "ratio": f"**{min(r['ratio_median'] for r in cases):.2f}** (lowest of "
+            + ", ".join(f"{r['ratio_median']:.2f}" for r in cases)
+            + ") tile reader / OpenSlide",
+        }
+    ]
 
 
 def segment_tile_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -> list[Row]:
@@ -197,6 +221,7 @@ def mil_rows(result: dict[str, Any], argv: list[str], module: ModuleType) -> lis
 
 ROWS: dict[str, Callable[[dict[str, Any], list[str], ModuleType], list[Row]]] = {
     "features": features_rows,
+    "readers": readers_rows,
     "segment_tile": segment_tile_rows,
     "graph": graph_rows,
     "mil": mil_rows,
@@ -284,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=BENCHMARKS,
         default=list(BENCHMARKS),
-        help="run these benchmarks only (default: all four)",
+        help="run these benchmarks only (default: all five)",
     )
     p.add_argument(
         "--out",

@@ -124,6 +124,7 @@ def cmd_features(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         read_block=args.read_block,
         progress=not args.no_progress,
+        reader=args.reader,
     )
 
 
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument(
         "--read-block", type=int, default=1, help="read k x k neighbouring tiles per call (1: each)"
+    )
+    p.add_argument(
+        "--reader",
+        default="auto",
+        choices=["auto", "openslide", "jpeg-tiles"],
+        help="patch reader: auto = JPEG tiles where the slide allows, else OpenSlide",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)

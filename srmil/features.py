@@ -1,10 +1,13 @@
-"""Patch features: read tiles through OpenSlide beside the forward pass, run the backbone in
-batches, and write one Zarr store per slide with coordinates and provenance.
+"""Patch features: read patches beside the forward pass, run the backbone in batches, and write
+one Zarr store per slide with coordinates and provenance.
 
 Batches are cut into chunks that readers fill ahead of the model: DataLoader worker processes
-(each opens the slide once) or, with `num_workers: 0`, one background thread. Optionally
-(`read_block` > 1) the tiles of a k x k block of neighbouring grid cells in one chunk are read
-with a single `read_region` call and cropped; measured on JPEG-tiled slides it does not pay
+(each opens the slide once) or, with `num_workers: 0`, one background thread. Patches come from
+OpenSlide or, where a level is plain JPEG tiles, from the tile reader (srmil.readers; chosen per
+slide by `reader`); on a CUDA device the tile reader's chunks are compressed tiles that are
+decoded on the device (srmil.gpu_decode). Optionally (`read_block` > 1, OpenSlide only) the
+tiles of a k x k block of neighbouring grid cells in one chunk are read with a single
+`read_region` call and cropped; measured on JPEG-tiled slides it does not pay
 (docs/features.md), so it is off by default.
 """
 
@@ -12,11 +15,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from srmil import __version__, store
 from srmil.backbones import Backbone, spec_dict
 from srmil.device import resolve_device as device_for
+from srmil.readers import EncodedTiles, ReaderChoice, TileReader, choose_reader
 from srmil.slide import open_slide, read_region, to_rgb
 
 log = logging.getLogger(__name__)
@@ -64,9 +69,11 @@ def split_chunks(batches: list[np.ndarray], chunk: int = READ_CHUNK) -> list[np.
 
 
 class ChunkDataset(Dataset):
-    """Item i = chunk i of tile indices as (n, H, W, 3) uint8 patches and the indices.
+    """Item i = chunk i of tile indices as (n, H, W, 3) uint8 patches and the indices (with
+    `encoded`, the chunk's JPEG tiles for a GPU decoder instead of patches).
 
-    The slide is opened once per process (or thread) on its first read.
+    The slide is opened once per process (or thread) on its first read. `reader` (default:
+    OpenSlide) comes from srmil.readers.choose_reader.
     """
 
     def __init__(
@@ -76,6 +83,8 @@ class ChunkDataset(Dataset):
         plan: dict[str, Any],
         chunks: list[np.ndarray],
         block: int = 1,
+        reader: ReaderChoice | None = None,
+        encoded: bool = False,
     ):
         self.slide_path = slide_path
         self.coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
@@ -87,6 +96,17 @@ class ChunkDataset(Dataset):
         self.read_px = int(plan["read_px"])
         self.patch_px = int(plan["patch_px"])
         self._slide = None
+        self.reader = reader or ReaderChoice("openslide", "openslide", "default")
+        self.encoded = encoded
+        self.tiles: TileReader | None = None
+        if self.reader.name == "jpeg-tiles":
+            scale = self.reader.dct_scale
+            if encoded and scale != 1:
+                raise ValueError("a GPU decoder takes full-size tiles (dct_scale 1)")
+            self.tiles = TileReader(slide_path, self.reader.level, scale)
+            # Patch origins in px of the read level at the decoding scale (whole: checked by
+            # choose_reader and dct_scale).
+            self.xy_scaled = np.rint(self.coords / (self.ds * scale)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -95,12 +115,33 @@ class ChunkDataset(Dataset):
         """read_region calls the whole slide takes with this plan."""
         return sum(sum(1 for _ in self._groups(c)) for c in self.chunks)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | EncodedTiles, torch.Tensor]:
         idx = self.chunks[i]
+        index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        if self.tiles is not None:
+            return self._read_tiles(idx), index
         out = np.empty((len(idx), self.patch_px, self.patch_px, 3), dtype=np.uint8)
         for rows in self._groups(idx):
             self._read_group(idx, rows, out)
-        return torch.from_numpy(out), torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return torch.from_numpy(out), index
+
+    def _read_tiles(self, idx: np.ndarray) -> torch.Tensor | EncodedTiles:
+        """The chunk through the tile reader: cut at the decoding scale, then INTER_AREA down to
+        patch_px where the level (after DCT scaling) is still finer than the target."""
+        size = self.read_px // self.reader.dct_scale
+        xy, origins = self.xy_scaled[idx], self.coords[idx]
+        if self.encoded:
+            return self.tiles.encoded(xy, size, origins)
+        out = np.empty((len(idx), self.patch_px, self.patch_px, 3), dtype=np.uint8)
+        if size == self.patch_px:
+            self.tiles.read(xy, size, out, origins)
+        else:
+            region = np.empty((len(idx), size, size, 3), dtype=np.uint8)
+            self.tiles.read(xy, size, region, origins)
+            shape = (self.patch_px, self.patch_px)
+            for j in range(len(idx)):
+                cv2.resize(region[j], shape, dst=out[j], interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(out)
 
     def _groups(self, idx: np.ndarray) -> Iterator[np.ndarray]:
         """Positions in `idx` to read together: one block's tiles, when dense enough."""
@@ -152,12 +193,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return device_for(device, "features.device")
 
 
-def resolve_workers(num_workers: int | str, device: torch.device) -> int:
+def resolve_workers(num_workers: int | str, device: torch.device, gpu_decode: bool = False) -> int:
     """'auto': no reader processes on CPU (one reader thread overlaps the forward pass, and
-    processes would compete with it for the cores); on a GPU, enough readers to feed it."""
+    processes would compete with it for the cores), nor where the GPU decodes (the thread only
+    reads compressed bytes); on a GPU fed by CPU decoding, enough readers to feed it."""
     if num_workers != "auto":
         return int(num_workers)
-    return 0 if device.type == "cpu" else min(16, max(1, usable_cpus() - 1))
+    if device.type == "cpu" or gpu_decode:
+        return 0
+    return min(16, max(1, usable_cpus() - 1))
 
 
 def usable_cpus() -> int:
@@ -269,16 +313,21 @@ def iterate_chunks(
 
 
 def iterate_batches(
-    readers: Readers, batches: list[np.ndarray], device: torch.device
+    readers: Readers,
+    batches: list[np.ndarray],
+    device: torch.device,
+    decode: Callable[[EncodedTiles], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Model batches on `device`, (B, H, W, 3) uint8 and tile indices, assembled from chunks
-    (copied to the device as they arrive, from pinned memory without blocking)."""
+    (copied to the device as they arrive, from pinned memory without blocking; chunks of
+    encoded tiles are turned into patches on the device by `decode`)."""
     try:
         for batch in batches:
             parts, need = [], len(batch)
             while need > 0:
                 x, idx = next(readers)
-                parts.append((x.to(device, non_blocking=True), idx.to(device, non_blocking=True)))
+                x = decode(x) if isinstance(x, EncodedTiles) else x.to(device, non_blocking=True)
+                parts.append((x, idx.to(device, non_blocking=True)))
                 need -= len(idx)
             if len(parts) == 1:
                 yield parts[0]
@@ -301,20 +350,39 @@ def extract_features(
     dtype: str = "float16",
     read_block: int = 1,
     progress: bool = True,
+    reader: str = "auto",
 ) -> dict[str, Any]:
-    """Embed every tile of one slide; write `features` (N x D) and `coords` to a Zarr store."""
+    """Embed every tile of one slide; write `features` (N x D) and `coords` to a Zarr store.
+    `reader`: auto (the JPEG tile reader where the slide's level allows, else OpenSlide),
+    openslide or jpeg-tiles (srmil.readers)."""
     coords, _, plan = store.read_tiles(tiles_path)
     start = time.perf_counter()
     dev = resolve_device(device)
-    batches = plan_batches(coords, plan, batch_size, read_block)
-    workers = resolve_workers(num_workers, dev) if batches else 0
+    choice = pick_reader(slide_path, coords, plan, reader, dev)
+    # The tile reader's chunks are decoded on a CUDA device; on the CPU by the readers.
+    gpu_decode = dev.type == "cuda" and choice.name == "jpeg-tiles"
+    if gpu_decode and choice.dct_scale != 1:  # no DCT scaling on the GPU: full-size tiles
+        choice = dataclasses.replace(choice, dct_scale=1)
+    block = read_block if choice.name == "openslide" else 1  # blocks are OpenSlide calls
+    batches = plan_batches(coords, plan, batch_size, block)
+    workers = resolve_workers(num_workers, dev, gpu_decode) if batches else 0
     # Reader processes take larger chunks (fewer messages); one thread, smaller ones (the
     # first batch waits for fewer reads).
-    chunk = READ_CHUNK if workers else THREAD_CHUNK
-    dataset = ChunkDataset(str(slide_path), coords, plan, split_chunks(batches, chunk), read_block)
+    chunk = READ_CHUNK if workers or gpu_decode else THREAD_CHUNK
+    dataset = ChunkDataset(
+        str(slide_path), coords, plan, split_chunks(batches, chunk), block, choice, gpu_decode
+    )
     first = -(-min(batch_size, len(coords)) // chunk)  # chunks of the first batch
     prefetch = 4 if workers else 2 * -(-batch_size // chunk)  # the thread: two batches
-    readers = Readers(dataset, workers, dev.type == "cuda", prefetch, start_chunks=first)
+    pin = dev.type == "cuda" and not gpu_decode  # compressed bytes are copied by the decoder
+    readers = Readers(dataset, workers, pin, prefetch, start_chunks=first)
+    decode = None
+    if gpu_decode:
+        from srmil.gpu_decode import decode_patches
+
+        def decode(chunk: EncodedTiles) -> torch.Tensor:
+            return decode_patches(chunk, dev, dataset.patch_px, str(slide_path), dataset.level)
+
     try:
         autocast = amp_dtype(dev, amp)  # may initialise CUDA: after the readers are forked
         if dev.type == "cuda":
@@ -325,7 +393,7 @@ def extract_features(
         name = os.path.basename(slide_path)
         bar = tqdm(total=len(coords), desc=f"features {name}", unit="patch", disable=not progress)
         with torch.inference_mode(), bar:
-            for x, idx in iterate_batches(readers, batches, dev):
+            for x, idx in iterate_batches(readers, batches, dev, decode):
                 x = preprocess(x, backbone.data_config)
                 with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
                     features[idx] = model(x).float()
@@ -354,7 +422,8 @@ def extract_features(
         "stride_level0": plan["stride_level0"],
         "read_level": plan["level"],
         "read_px": plan["read_px"],
-        "read_block": read_block,
+        "read_block": block,
+        "reader": choice.provenance(gpu=gpu_decode),
         "transforms": {
             **backbone.data_config,
             "steps": "read RGB at read_level (INTER_AREA to patch_px if larger), resize to "
@@ -368,7 +437,7 @@ def extract_features(
     store.write_feature_store(out_path, result, coords, attrs, dtype=dtype)
     rate = len(coords) / seconds if seconds > 0 else 0.0
     log.info(
-        "features: %d patches in %.1f s (%.1f patches/s) on %s, %s, batch %d, %d reader(s)",
+        "features: %d patches in %.1f s (%.1f patches/s) on %s, %s, batch %d, %d reader(s), %s",
         len(coords),
         seconds,
         rate,
@@ -376,5 +445,37 @@ def extract_features(
         attrs["amp"],
         batch_size,
         workers or 1,
+        attrs["reader"]["decoder"],
     )
-    return {"n_patches": len(coords), "seconds": seconds, "patches_per_s": rate, "workers": workers}
+    return {
+        "n_patches": len(coords),
+        "seconds": seconds,
+        "patches_per_s": rate,
+        "workers": workers,
+        "reader": choice.name,
+    }
+
+
+def pick_reader(
+    slide_path: str | os.PathLike,
+    coords_level0: np.ndarray,
+    plan: dict[str, Any],
+    reader: str,
+    device: torch.device,
+) -> ReaderChoice:
+    """The slide's reader (srmil.readers.choose_reader), logged. OpenSlide opens the slide
+    first whatever the reader: a file it refuses fails here with its one-line error."""
+    slide = open_slide(slide_path)
+    try:
+        choice = choose_reader(str(slide_path), slide, coords_level0, plan, reader)
+    finally:
+        slide.close()
+    log.info(
+        "reader for %s: %s (%s: %s)%s",
+        os.path.basename(slide_path),
+        choice.name,
+        choice.requested,
+        choice.reason,
+        f", tiles decoded at 1/{choice.dct_scale}" if choice.dct_scale > 1 else "",
+    )
+    return choice

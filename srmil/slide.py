@@ -66,11 +66,19 @@ def read_region(
         return slide.read_region(location, level, size)
     except openslide.OpenSlideError as err:
         path = path or getattr(slide, "_filename", "the slide")
-        raise SlideError(
-            f"{path}: pixel data at level {level}, x={location[0]} y={location[1]} cannot be "
-            f"read ({one_line(err)}); the file is truncated or damaged: copy it again, or "
-            "remove its row from the sample sheet"
-        ) from err
+        raise damaged_pixels(path, level, location, one_line(err)) from err
+
+
+def damaged_pixels(
+    path: str | os.PathLike, level: int, location: tuple[int, int], reason: str
+) -> SlideError:
+    """The one-line error of pixel data that cannot be decoded, whichever reader met it;
+    `location` is the level-0 origin of the read."""
+    return SlideError(
+        f"{path}: pixel data at level {level}, x={location[0]} y={location[1]} cannot be "
+        f"read ({reason}); the file is truncated or damaged: copy it again, or "
+        "remove its row from the sample sheet"
+    )
 
 
 def slide_info(

@@ -45,6 +45,7 @@ def test_run_all_tiny_writes_one_row_per_benchmark(tmp_path: Path) -> None:
     rows = table_rows(text)
     assert [r[0] for r in rows] == [
         "`features.py`",
+        "`readers.py`",
         "`segment_tile.py`",
         "`graph.py`",
         "`mil.py`",
@@ -54,12 +55,12 @@ def test_run_all_tiny_writes_one_row_per_benchmark(tmp_path: Path) -> None:
         assert row[5].startswith(f"`python benchmarks/{row[0].strip('`')}"), row
     # A measured ratio wherever the comparison ran (CLAM is absent here).
     ratios = {r[0]: r[4] for r in rows}
-    for name in ("`features.py`", "`graph.py`", "`mil.py`"):
+    for name in ("`features.py`", "`readers.py`", "`graph.py`", "`mil.py`"):
         assert re.match(r"\*\*\d+\.\d+\*\*", ratios[name]), ratios[name]
     assert ratios["`segment_tile.py`"] == "-"
     # One progress line as each benchmark starts and one as it ends.
-    assert len(re.findall(r"\] \w+: started", proc.stderr)) == 4
-    assert len(re.findall(r"\] \w+: done in \d+\.\d s", proc.stderr)) == 4
+    assert len(re.findall(r"\] \w+: started", proc.stderr)) == 5
+    assert len(re.findall(r"\] \w+: done in \d+\.\d s", proc.stderr)) == 5
     logs = out.parent / "summary_logs"
     assert {p.name for p in logs.iterdir()} >= {"graph.log", "graph.json", "mil.json"}
     assert sorted(p.name for p in out.parent.iterdir()) == ["summary.md", "summary_logs"]

@@ -22,6 +22,7 @@ rule extract_features:
         amp=config["features"]["amp"],
         dtype=config["features"]["dtype"],
         read_block=config["features"]["read_block"],
+        reader=config["features"]["reader"],
         seed=config["seed"],
         on_bad_slide=on_bad_slide,
     shell:
@@ -29,7 +30,7 @@ rule extract_features:
         " --extractor {wildcards.extractor} --backbone {params.backbone}"
         " --batch-size {params.batch_size} --num-workers {params.num_workers}"
         " --device {params.device} --amp {params.amp} --dtype {params.dtype}"
-        " --read-block {params.read_block}"
+        " --read-block {params.read_block} --reader {params.reader}"
         " --seed {params.seed} --threads {threads} {params.on_bad_slide} > {log} 2>&1"
 
 
