@@ -27,8 +27,9 @@ class ModelInfo:
     train: dict[str, Any] = field(default_factory=dict)  # overrides of srmil.train.TrainConfig
     attention: bool = True  # per-patch weights worth a heatmap
     graph: bool = False  # uses the spatial graph
-    # Training-step memory per 100k patches on the CPU (MiB): intercept + slope per feature
-    # dimension, from benchmarks/mil.py (docs/method.md, "Memory"); see srmil.data.
+    # Training-step memory per 100k patches on the CPU (MiB above the process's start):
+    # intercept + slope per feature dimension, from benchmarks/mil.py (docs/method.md, "Memory";
+    # measured at D = 512, and for SRMIL and ABMIL at 1024 too); see srmil.data.
     step_mib_per_100k: tuple[float, float] = (1450.0, 0.2)
 
     @property
@@ -41,7 +42,7 @@ SRMIL_PAPER = ("Wu, Xu, Gao, Diao, Li, Gui. Exploiting label-independent regular
                "spatial dependencies for whole slide image analysis. WACV 2026 "
                "(arXiv 2602.19487)")
 SRMIL_CODE = "github.com/wwyi1828/SRMIL@7bb63e8"
-SRMIL_MEMORY = (4600.0, 5.2)
+SRMIL_MEMORY = (4600.0, 5.2)  # also for its ablations (srmil_norec needs about 0.6 of it)
 # Adam as CLAM trains its attention models (lr 2e-4 in its README's commands, weight decay
 # 1e-5), no schedule.
 CLAM_ADAM = {"optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5, "scheduler": "none"}
@@ -66,40 +67,44 @@ MODELS: dict[str, ModelInfo] = {m.name: m for m in [
               "github.com/lingxitong/MIL_BASELINE@69bab20 (modules/MEAN_MIL)",
               hparams={"pool": "mean"}, train={"optimizer": "adam", "lr": 2e-4,
                                                "weight_decay": 1e-5, "scheduler": "none"},
-              attention=False),
+              attention=False, step_mib_per_100k=(900.0, 0.2)),
     ModelInfo("maxpool", "pooling", "Max pooling",
               "Instance-level max pooling, the floor of MIL benchmarks (e.g. Ilse et al. 2018)",
               "github.com/lingxitong/MIL_BASELINE@69bab20 (modules/MAX_MIL)",
               hparams={"pool": "max"}, train={"optimizer": "adam", "lr": 2e-4,
-                                              "weight_decay": 1e-5, "scheduler": "none"}),
+                                              "weight_decay": 1e-5, "scheduler": "none"},
+              step_mib_per_100k=(900.0, 0.2)),
     ModelInfo("clam_sb", "clam", "CLAM-SB",
               "Lu, Williamson, Chen, Chen, Barbieri, Mahmood. Data-efficient and weakly "
               "supervised computational pathology on whole-slide images. Nat Biomed Eng 2021",
-              "github.com/mahmoodlab/CLAM@53e2409", train=CLAM_ADAM),
+              "github.com/mahmoodlab/CLAM@53e2409", train=CLAM_ADAM,
+              step_mib_per_100k=(1800.0, 0.2)),
     ModelInfo("dsmil", "dsmil", "DSMIL",
               "Li, Li, Eliceiri. Dual-stream multiple instance learning network for whole slide "
               "image classification with self-supervised contrastive learning. CVPR 2021",
               "github.com/binli123/dsmil-wsi@80465ed",
               train={"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-3,
-                     "betas": [0.5, 0.9], "scheduler": "cosine", "min_lr": 5e-6}),
+                     "betas": [0.5, 0.9], "scheduler": "cosine", "min_lr": 5e-6},
+              step_mib_per_100k=(400.0, 0.2)),
     ModelInfo("transmil", "transmil", "TransMIL",
               "Shao, Bian, Chen, Wang, Zhang, Ji, Zhang. TransMIL: transformer based correlated "
               "multiple instance learning for whole slide image classification. NeurIPS 2021",
               "github.com/szc19990412/TransMIL@9d6aee5 (Nystrom attention: "
               "github.com/lucidrains/nystrom-attention@fbe9eba)",
               train={"optimizer": "lookahead_radam", "lr": 2e-4, "weight_decay": 1e-5,
-                     "scheduler": "none"}, step_mib_per_100k=(6500.0, 0.5)),
+                     "scheduler": "none"}, step_mib_per_100k=(10100.0, 0.3)),
     ModelInfo("patchgcn", "patchgcn", "Patch-GCN (classification)",
               "Chen, Lu, Lipkova, Wang, Williamson, Mahmood. Whole slide images are 2D point "
               "clouds: context-aware survival prediction using patch-based graph convolutional "
               "networks. MICCAI 2021", "github.com/mahmoodlab/Patch-GCN@823adda",
-              train=CLAM_ADAM, graph=True, step_mib_per_100k=(5500.0, 0.5)),
+              train=CLAM_ADAM, graph=True, step_mib_per_100k=(4400.0, 0.2)),
     ModelInfo("dtfd", "dtfd", "DTFD-MIL",
               "Zhang, Meng, Bhalerao, Zheng, Qi, Yang, Zhang, Wang, Xia. DTFD-MIL: double-tier "
               "feature distillation multiple instance learning for histopathology whole slide "
               "image classification. CVPR 2022", "github.com/hrzhang1123/DTFD-MIL@10964f4",
               train={"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4,
-                     "scheduler": "step", "step_at": 0.5, "step_gamma": 0.2}),
+                     "scheduler": "step", "step_at": 0.5, "step_gamma": 0.2},
+              step_mib_per_100k=(1000.0, 0.2)),
 ]}
 MODEL_NAMES = tuple(MODELS)
 # The model a variant belongs to.

@@ -24,6 +24,8 @@ from srmil.evaluate import classification_metrics, predict_bags
 from srmil.graph import grid_edges
 from srmil.models import FAMILIES, build_model, default_hparams
 from srmil.models.clam import smooth_top1_svm
+from srmil.models.gat import SparseGraph
+from srmil.models.genconv import SparseGENConv, _SoftmaxAggregate
 from srmil.models.nystrom import NystromAttention, iterative_pinv
 from srmil.optim import Lookahead, build_optimizer
 from srmil.train import TrainConfig, _optimiser, default_train_config, load_model, train_fold
@@ -337,6 +339,32 @@ def test_dtfd_tier2_loss_does_not_reach_tier1_and_gradients_are_clipped():
     for module in (model.dim_reduction, model.attention, model.classifier):
         norm = torch.norm(torch.stack([p.grad.norm() for p in module.parameters()]))
         assert norm <= 1e-3 * (1 + 1e-4)
+
+
+def test_sparse_genconv_equals_torch_geometric_genconv():
+    from torch_geometric.nn import GENConv
+
+    torch.manual_seed(0)
+    cells = np.argwhere(np.random.default_rng(0).random((9, 11)) < 0.7)
+    edges = torch.from_numpy(grid_edges(cells * 224, 224, window=2))
+    edges = edges[:, torch.randperm(edges.shape[1])]
+    n = len(cells)
+    conv = SparseGENConv(8, 8, aggr="softmax", t=1.0, learn_t=True, num_layers=2,
+                         norm="layer").double()
+    with torch.no_grad():
+        conv.aggr_module.t.fill_(1.7)
+    x = torch.randn(n, 8, dtype=torch.double, requires_grad=True)
+    ours = conv(x, SparseGraph.from_edge_index(edges, n))
+    theirs = GENConv.forward(conv, x, edges)  # the same module, torch-geometric's aggregation
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    weights = torch.randn_like(ours)
+    a = torch.autograd.grad((ours * weights).sum(), [x, *conv.parameters()])
+    b = torch.autograd.grad((theirs * weights).sum(), [x, *conv.parameters()])
+    assert all(torch.allclose(u, v, atol=1e-12) for u, v in zip(a, b, strict=True))
+    graph = SparseGraph.from_edge_index(edges, n)
+    m = torch.rand(n, 3, dtype=torch.double, requires_grad=True)
+    t = torch.tensor([1.3], dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, t: _SoftmaxAggregate.apply(m, t, graph), (m, t))
 
 
 # --- optimisers and schedules --------------------------------------------------------------------

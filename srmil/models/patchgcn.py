@@ -7,9 +7,10 @@
     z = [h0 | h1 | h2 | h3]                                        (N, 512), every depth kept
     z = dropout(relu(W_phi z));  a = softmax(gated attention(z));  logits = W_c relu(W_rho a^T z)
 
-GENConv (Li et al. 2020, torch-geometric's layer as in the reference) aggregates
-softmax-weighted messages relu(h_j) + eps over the neighbours j (a learnable temperature per
-layer) and passes the sum with h_i through a 2-layer MLP with LayerNorm. No reconstruction: the
+GENConv (Li et al. 2020; torch-geometric's layer, as in the reference, with the memory-lean
+aggregation of `srmil.models.genconv`) aggregates softmax-weighted messages relu(h_j) + eps over
+the neighbours j (a learnable temperature per layer) and passes the sum with h_i through a
+2-layer MLP with LayerNorm. No reconstruction: the
 graph network SRMIL is compared with when asking what the graph alone buys. The reference
 predicts discrete-time survival; here the same network ends in C class logits trained with
 cross-entropy.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torch_geometric.nn import DeepGCNLayer, GENConv
+from torch_geometric.nn import DeepGCNLayer
 
 from srmil.models.base import (
     FeatureScaler,
@@ -31,6 +32,8 @@ from srmil.models.base import (
     bag_cross_entropy,
     check_bag,
 )
+from srmil.models.gat import SparseGraph
+from srmil.models.genconv import SparseGENConv
 
 
 @dataclass
@@ -62,8 +65,8 @@ class PatchGCN(nn.Module):
         self.fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(cfg.dropout))
         # The first block's conv is applied alone (its norm is unused), as in the reference.
         self.layers = nn.ModuleList(
-            DeepGCNLayer(GENConv(hidden, hidden, aggr="softmax", t=1.0, learn_t=True,
-                                 num_layers=2, norm="layer"),
+            DeepGCNLayer(SparseGENConv(hidden, hidden, aggr="softmax", t=1.0, learn_t=True,
+                                       num_layers=2, norm="layer"),
                          nn.LayerNorm(hidden, elementwise_affine=True), nn.ReLU(inplace=True),
                          block="res", dropout=cfg.layer_dropout,
                          ckpt_grad=cfg.checkpoint_layers or i % 3)
@@ -76,17 +79,17 @@ class PatchGCN(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor) -> MILOutput:
         """x: (N, D) patch features; edge_index: (2, E) the spatial graph (self-loops as stored).
         Returns logits (C,) and the gated attention (N,)."""
-        check_bag(x)
-        edge_index = edge_index.to(device=x.device, dtype=torch.long)
+        n = check_bag(x)
+        graph = SparseGraph.from_edge_index(edge_index.to(device=x.device, dtype=torch.long), n)
         h = self.fc(self.scaler(x))
         conv = self.layers[0].conv
         if self.config.checkpoint_layers and self.training and torch.is_grad_enabled():
-            out = checkpoint(conv, h, edge_index, use_reentrant=False)
+            out = checkpoint(conv, h, graph, use_reentrant=False)
         else:
-            out = conv(h, edge_index)
+            out = conv(h, graph)
         depths = [h, out]
         for layer in self.layers[1:]:
-            out = layer(out, edge_index)
+            out = layer(out, graph)
             depths.append(out)
         z = self.phi(torch.cat(depths, dim=1))
         attention = self.attention(z)
