@@ -170,18 +170,22 @@ def paired_differences(main: pd.DataFrame, predictions: dict[tuple[str, int], pd
         for name in ("auc", "accuracy"):
             diff = (pd.to_numeric(ours.loc[seeds, name], errors="coerce")
                     - pd.to_numeric(ref_rows.loc[seeds, name], errors="coerce"))
+            seeds_ci = _t_interval(diff, level) or (None, None)
+            patients_ci = boot[name] or (None, None)
             row.update({f"{name}_diff_mean": diff.mean(), f"{name}_diff_sd": diff.std(ddof=1),
-                        f"{name}_ci_seeds": _t_interval(diff, level),
-                        f"{name}_ci_patients": boot[name],
-                        f"{name}_better_equal_worse": (int((diff > 0).sum()),
-                                                       int((diff == 0).sum()),
-                                                       int((diff < 0).sum()))})
+                        f"{name}_ci_seeds_low": seeds_ci[0],
+                        f"{name}_ci_seeds_high": seeds_ci[1],
+                        f"{name}_ci_patients_low": patients_ci[0],
+                        f"{name}_ci_patients_high": patients_ci[1],
+                        f"{name}_better": int((diff > 0).sum()),
+                        f"{name}_equal": int((diff == 0).sum()),
+                        f"{name}_worse": int((diff < 0).sum())})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _interval(ci: object) -> str:
-    return "n/a" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+def _interval(low: object, high: object) -> str:
+    return "n/a" if low is None or pd.isna(low) else f"[{low:+.3f}, {high:+.3f}]"
 
 
 def summary_markdown(table: pd.DataFrame, main: pd.DataFrame,
@@ -219,9 +223,12 @@ def summary_markdown(table: pd.DataFrame, main: pd.DataFrame,
                 mean, sd = getattr(row, f"{name}_diff_mean"), getattr(row, f"{name}_diff_sd")
                 sd = 0.0 if pd.isna(sd) else sd
                 cells += [f"{mean:+.3f} ± {sd:.3f}" if pd.notna(mean) else "n/a",
-                          _interval(getattr(row, f"{name}_ci_seeds")),
-                          _interval(getattr(row, f"{name}_ci_patients")),
-                          "/".join(str(v) for v in getattr(row, f"{name}_better_equal_worse"))]
+                          _interval(getattr(row, f"{name}_ci_seeds_low"),
+                                    getattr(row, f"{name}_ci_seeds_high")),
+                          _interval(getattr(row, f"{name}_ci_patients_low"),
+                                    getattr(row, f"{name}_ci_patients_high")),
+                          "/".join(str(getattr(row, f"{name}_{k}"))
+                                   for k in ("better", "equal", "worse"))]
             lines.append(f"| {row.model} | " + " | ".join(cells) + " |")
     ratios = curve_runs(table)
     if ratios["mask_ratio"].nunique() > 1:

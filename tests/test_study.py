@@ -71,9 +71,9 @@ def test_paired_differences_and_summary(tmp_path):
     auc = main.pivot(index="seed", columns="model", values="auc")
     expected = (auc["abmil"] - auc["srmil"]).mean()
     assert diffs.at["abmil", "auc_diff_mean"] == pytest.approx(expected)
-    low, high = diffs.at["abmil", "auc_ci_seeds"]
-    assert low < expected < high and diffs.at["abmil", "auc_better_equal_worse"][0] == 3
-    assert diffs.at["abmil", "auc_ci_patients"][0] > 0  # clearly better on these patients
+    low, high = diffs.at["abmil", "auc_ci_seeds_low"], diffs.at["abmil", "auc_ci_seeds_high"]
+    assert low < expected < high and diffs.at["abmil", "auc_better"] == 3
+    assert diffs.at["abmil", "auc_ci_patients_low"] > 0  # clearly better on these patients
 
     table = summarise_study(runs, tmp_path / "out", main_ratio=0.7, n_boot=50)
     assert len(table) == 9
