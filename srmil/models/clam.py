@@ -57,6 +57,8 @@ class CLAMConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.bag_weight <= 1.0:
             raise ValueError(f"bag_weight must be in [0, 1], got {self.bag_weight}")
+        if self.subtyping not in (None, True, False):
+            raise ValueError(f"subtyping must be true, false or null, got {self.subtyping!r}")
 
 
 def smooth_top1_svm(logits: Tensor, target: Tensor, alpha: float = 1.0, tau: float = 1.0,
