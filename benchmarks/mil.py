@@ -1,10 +1,12 @@
-"""SRMIL against ABMIL: time per epoch and peak memory at bag sizes of 1k, 10k and 100k patches.
+"""Every MIL model side by side: time per epoch and peak memory at bag sizes of 1k, 10k and 100k
+patches (SRMIL, its ablations and the baselines of srmil.catalog; `--models` picks some).
 
 Each (model, bag size) runs in its own process, so that its peak resident memory (ru_maxrss) is
 its own: the process builds one bag (D-dim random features on a tissue-like patch grid with its
 window-2 graph, as the graph stage writes it), the model with its reference defaults and its
 reference optimiser, and times what one epoch does per slide in `srmil.train`: a training step
-(forward, backward, optimiser step) plus the unmasked evaluation forward. Times are the best of
+(forward, backward, the model's gradient clipping, optimiser step) plus the unmasked evaluation
+forward. Times are the best of
 `--repeats` after one warm-up epoch (on the CPU, bags of 50k patches and more run once, cold, as
 the first epoch of a real run does); wall clock and the process's CPU time, which other jobs on
 a shared machine disturb less (hence one torch thread by default). Memory: the peak RSS of the
@@ -13,7 +15,8 @@ CUDA also the peak of allocated GPU memory. Training in `srmil.train` runs in de
 mode, which on CUDA makes SRMIL take a slower exact path (see docs/method.md); this measures the
 default mode.
 
-    python benchmarks/mil.py                          # 1k, 10k, 100k at D=512 (minutes)
+    python benchmarks/mil.py                          # every model, 1k, 10k, 100k at D=512
+    python benchmarks/mil.py --models srmil abmil dsmil --sizes 1000 10000
     python benchmarks/mil.py --sizes 100000 --dim 1024 --models srmil
     python benchmarks/mil.py --sizes 100000 --dim 1024 --models srmil \
         --hparams '{"checkpoint_layers": true}'
@@ -33,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))
+
+from srmil.catalog import MODEL_NAMES  # noqa: E402 (torch-free)
+
 GiB = 2**30
 
 
@@ -45,6 +52,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     from srmil.graph import grid_edges
     from srmil.models import build_model
+    from srmil.optim import build_optimizer
     from srmil.train import make_train_config, resolve_device
 
     torch.set_num_threads(args.threads)
@@ -53,11 +61,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     cells = tissue_cells(args.n)
     edges = torch.from_numpy(grid_edges(cells, 1.0, window=2)).to(device)
     x = torch.randn(len(cells), args.dim, generator=torch.Generator().manual_seed(1)).to(device)
-    hparams = json.loads(args.hparams) if args.model == "srmil" else {}
+    hparams = model_hparams(args, args.model)
     model = build_model(args.model, args.dim, 2, hparams).to(device)
     config = make_train_config(args.model)
-    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                                config.betas)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -74,6 +82,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss, _ = model.training_loss(x, edges, 1)
         loss.backward()
+        if hasattr(model, "clip_gradients"):
+            model.clip_gradients()
         optimizer.step()
         del loss
         sync()
@@ -96,7 +106,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "patches": len(cells),
         "edges": int(edges.shape[1]),
         "dim": args.dim,
-        "srmil_hparams": args.hparams,
+        "hparams": hparams,
         "device": str(device),
         "threads": args.threads,
         "step_s": best[0],
@@ -137,6 +147,7 @@ def measure(model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         str(args.repeats if warm else 1),
         "--hparams",
         args.hparams,
+        *[a for item in args.model_hparams for a in ("--model-hparams", item)],
         "--warmup",
         str(int(warm)),
     ]
@@ -146,49 +157,55 @@ def measure(model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def model_hparams(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """--hparams for SRMIL and its ablations; --model-hparams NAME=JSON for any model."""
+    from srmil.catalog import model_info
+
+    hparams = json.loads(args.hparams) if model_info(model).family == "srmil" else {}
+    for item in args.model_hparams:
+        name, _, text = item.partition("=")
+        if name == model:
+            hparams.update(json.loads(text))
+    return hparams
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    """One row per bag size and model; ratios to SRMIL (and to ABMIL) where both ran."""
     by = {(r["model"], r["patches"]): r for r in rows}
     sizes = sorted({r["patches"] for r in rows})
-    models = [m for m in ("srmil", "abmil") if any(r["model"] == m for r in rows)]
-    both = len(models) == 2
+    models = list(dict.fromkeys(r["model"] for r in rows))
     gpu = any("gpu_peak_gib" in r for r in rows)
-    cols = ["patches", "edges"]
-    for m in models:
-        cols += [f"{m} epoch (s)", f"{m} CPU (s)", f"{m} peak RSS (GiB)", f"{m} above start (GiB)"]
-        cols += [f"{m} GPU peak (GiB)"] if gpu else []
-    if both:
-        cols += ["time SRMIL / ABMIL", "CPU SRMIL / ABMIL", "memory above start SRMIL / ABMIL"]
-        cols += ["GPU memory SRMIL / ABMIL"] if gpu else []
+    cols = ["patches", "model", "epoch (s)", "CPU (s)", "peak RSS (GiB)", "above start (GiB)"]
+    cols += ["GPU peak (GiB)"] if gpu else []
+    cols += ["time / SRMIL", "memory above start / SRMIL", "time / ABMIL"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def ratio(a: float | None, b: float | None, floor: float = 0.0) -> str:
+        return "-" if a is None or b is None or b <= floor else f"{a / b:.2g}"
+
     for n in sizes:
-        first = by[(models[0], n)]
-        cells = [f"{n:,}", f"{first['edges']:,}"]
+        srmil, abmil = by.get(("srmil", n)), by.get(("abmil", n))
         for m in models:
-            r = by[(m, n)]
-            cells += [
-                f"{r['epoch_s']:.3g}",
-                f"{r.get('epoch_cpu_s', float('nan')):.3g}",
-                f"{r['peak_rss_gib']:.2f}",
-                f"{r['peak_above_start_gib']:.2f}",
-            ]
+            r = by.get((m, n))
+            if r is None:
+                continue
+            cells = [f"{n:,}", m, f"{r['epoch_s']:.3g}",
+                     f"{r.get('epoch_cpu_s', float('nan')):.3g}", f"{r['peak_rss_gib']:.2f}",
+                     f"{r['peak_above_start_gib']:.2f}"]
             cells += [f"{r.get('gpu_peak_gib', float('nan')):.2f}"] if gpu else []
-        if both:
-            s, a = by[("srmil", n)], by[("abmil", n)]
-            cells += [
-                f"{s['epoch_s'] / a['epoch_s']:.1f}",
-                f"{s.get('epoch_cpu_s', float('nan')) / a.get('epoch_cpu_s', float('nan')):.1f}",
-                f"{s['peak_above_start_gib'] / max(a['peak_above_start_gib'], 1e-3):.1f}",
-            ]
-            if gpu:
-                cells += [f"{s['gpu_peak_gib'] / a['gpu_peak_gib']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+            # Below ~10 MiB above start (small bags) the memory ratio is noise: left out.
+            cells += [ratio(r["epoch_s"], srmil and srmil["epoch_s"]),
+                      ratio(r["peak_above_start_gib"], srmil and srmil["peak_above_start_gib"],
+                            0.01) if r["peak_above_start_gib"] >= 0.01 else "-",
+                      ratio(r["epoch_s"], abmil and abmil["epoch_s"])]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    p.add_argument("--models", nargs="+", default=["srmil", "abmil"], choices=["srmil", "abmil"])
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     p.add_argument("--dim", type=int, default=512, help="feature size D (resnet18: 512)")
     p.add_argument(
         "--threads",
@@ -199,8 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--hparams",
         default="{}",
-        help="SRMIL hyper-parameters as JSON, e.g. '{\"checkpoint_layers\": true}'",
+        help="SRMIL's (and its ablations') hyper-parameters as JSON, e.g. "
+        "'{\"checkpoint_layers\": true}'",
     )
+    p.add_argument("--model-hparams", action="append", default=[], metavar="NAME=JSON",
+                   help="one model's hyper-parameters, e.g. "
+                   "'patchgcn={\"checkpoint_layers\": true}'")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
@@ -231,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             print(json.dumps(rows[-1]), flush=True)
     device = rows[0].get("device_name", rows[0]["device"])
     variant = f", SRMIL {args.hparams}" if args.hparams != "{}" else ""
+    variant += "".join(f", {item}" for item in args.model_hparams)
     header = (
         f"D = {args.dim}{variant}, {device}, {args.threads} torch threads, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.1f}; epoch = one training step + one evaluation "

@@ -50,14 +50,14 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "readers": "--width 2048 --height 1536 --repeats 1 --models".split(),
         "segment_tile": "--slides demo --large none".split(),
         "graph": "--sizes 1000 10000 --repeats 1".split(),
-        "mil": "--sizes 1000 --repeats 1".split(),
+        "mil": "--models srmil abmil --sizes 1000 --repeats 1".split(),
     },
     "small": {
         "features": "--models resnet18 --slides 2 --max-patches 100 --repeats 5".split(),
         "readers": "--width 4096 --height 3072 --repeats 3 --models".split(),
         "segment_tile": "--slides demo demo_pen biopsy --large none".split(),
         "graph": "--sizes 10000 30000 100000 300000".split(),
-        "mil": "--sizes 1000 10000".split(),
+        "mil": "--models srmil abmil --sizes 1000 10000".split(),
     },
     "medium": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
@@ -65,7 +65,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": [],
-        "mil": [],
+        "mil": "--models srmil abmil".split(),
     },
     "large": {
         "features": "--models resnet18 resnet50 --slides 2 --width 8192 --height 6144 "
@@ -73,7 +73,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "readers": ["--no-ratio"],
         "segment_tile": [],
         "graph": "--sizes 10000 100000 1000000 3000000 --shuffled".split(),
-        "mil": "--sizes 1000 10000 100000 --repeats 5".split(),
+        "mil": "--models srmil abmil --sizes 1000 10000 100000 --repeats 5".split(),
     },
 }
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from srmil.catalog import MODEL_NAMES
+
 
 def _json_arg(text: str) -> dict[str, Any]:
     try:
@@ -434,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_splits)
 
     def bag_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, choices=["srmil", "abmil"])
+        p.add_argument("--model", required=True, choices=MODEL_NAMES)
         p.add_argument("--splits", required=True)
         p.add_argument("--samples", required=True)
         p.add_argument("--features-dir", required=True)

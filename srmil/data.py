@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
+from srmil.catalog import MODELS
 from srmil.errors import InputError
 from srmil.exclusion import EXCLUDED, SlideExcluded
 from srmil.store import read_feature_store, read_graph_store, read_json
@@ -91,7 +92,8 @@ def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
 # backward, AdamW) on a 100k-patch bag measured 7.1 GiB above the process's start at D = 512 and
 # 9.7 GiB at D = 1024 (benchmarks/mil.py, CPU), ABMIL 1.5 and 1.6 GiB: per 100k patches, an
 # intercept plus a slope per feature dimension, linear in the patches between 1k and 100k.
-STEP_MIB_PER_100K = {"srmil": (4600.0, 5.2), "abmil": (1450.0, 0.2)}
+# Each model's figures are in srmil.catalog (ModelInfo.step_mib_per_100k).
+STEP_MIB_PER_100K = {name: info.step_mib_per_100k for name, info in MODELS.items()}
 LIBRARIES_MIB = 2000  # torch and torch-geometric before the first step (1.7 GiB measured)
 MIN_TRAIN_MIB = 4000
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from scipy.stats import rankdata
 
+from srmil.catalog import model_info
 from srmil.data import Bag, load_bag
 from srmil.errors import InputError
 from srmil.exclusion import excluded_slides, write_left_out_html
@@ -141,9 +142,9 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
     """Predict every fold's test slides with `{models_dir}/fold_{k}.pt`; write metrics.json,
     predictions.csv, roc.png, confusion.png, training_curves.png, attention_diagnostics.png (when
     the models have `fold_{k}.attention.json`) and, with `tiles_dir`, heatmaps/{slide}.png
-    (of at most `max_heatmaps` slides, classes taking turns, if given). With `exclude_failed`,
-    slides excluded after a failure (srmil.exclusion) are left out and listed with their reasons;
-    without it, they are refused.
+    (of at most `max_heatmaps` slides, classes taking turns, if given; none for models without
+    attention, srmil.catalog). With `exclude_failed`, slides excluded after a failure
+    (srmil.exclusion) are left out and listed with their reasons; without it, they are refused.
 
     Returns the metrics written to metrics.json.
     """
@@ -203,6 +204,8 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
                                out_dir / "attention_diagnostics.png")
     if tiles_dir is not None:
         shown = table if max_heatmaps is None else _heatmap_selection(table, max_heatmaps)
+        if not model_info(model_name).attention:  # mean pooling: uniform, an empty folder
+            shown = shown.iloc[:0]
         write_heatmaps(shown, attention, samples, tiles_dir, out_dir / "heatmaps", model_name,
                        classes, top_patches, heatmap_px)
     return metrics

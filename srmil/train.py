@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,19 @@ from tqdm.auto import tqdm
 
 from srmil import __version__
 from srmil.attention import AttentionRecorder
+from srmil.catalog import MODEL_NAMES, model_info
 from srmil.data import Bag, graph_params, load_bag
 from srmil.device import resolve_device as device_for
 from srmil.errors import InputError
 from srmil.evaluate import classification_metrics, predict_bags
-from srmil.models import MODEL_NAMES, build_model, default_hparams
+from srmil.models import build_model, default_hparams
+from srmil.optim import build_optimizer
 from srmil.store import atomic_path, load_state_dict, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adam")
-SCHEDULERS = ("cosine", "none")
+OPTIMIZERS = ("adamw", "adam", "lookahead_radam")
+SCHEDULERS = ("cosine", "step", "none")
 # Feature-store attributes worth carrying into a model's provenance, when the store has them.
 FEATURE_PROVENANCE_KEYS = ("extractor", "backbone", "weights_hash", "feature_dim", "mpp",
                            "patch_px", "stride_px", "patch_level0", "stride_level0", "dtype",
@@ -45,14 +47,20 @@ FEATURE_PROVENANCE_KEYS = ("extractor", "backbone", "weights_hash", "feature_dim
 
 @dataclass
 class TrainConfig:
-    """Optimisation and model selection; the defaults are the SRMIL reference's."""
+    """Optimisation and model selection; the defaults are the SRMIL reference's (other models'
+    are in srmil.catalog)."""
 
     epochs: int = 100
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw, adam, or lookahead_radam (TransMIL's, srmil.optim)
     lr: float = 5e-4
     weight_decay: float = 1e-5
-    scheduler: str = "cosine"  # cosine annealing from lr to min_lr over `epochs`, or "none"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
+    # cosine: annealing from lr to min_lr over `epochs`; step: lr times step_gamma from epoch
+    # floor(step_at * epochs) + 1 on (DTFD-MIL: 0.2 after half the epochs); none
+    scheduler: str = "cosine"
     min_lr: float = 0.0
+    step_at: float = 0.5
+    step_gamma: float = 0.2
     select_after: float = 0.6  # fraction of epochs that pass before selection counts
     early_stopping_patience: int | None = None  # epochs without a better selection, then stop
     standardize_features: bool = True  # z-score features with the fold's training statistics
@@ -64,6 +72,12 @@ class TrainConfig:
             raise InputError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
             raise InputError(f"scheduler={self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        self.betas = [float(b) for b in self.betas]
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise InputError(f"betas={self.betas!r}: two numbers in [0, 1)")
+        if not 0 <= self.step_at <= 1 or not self.step_gamma > 0:
+            raise InputError(f"step_at={self.step_at!r}, step_gamma={self.step_gamma!r}: "
+                             "step_at in [0, 1], step_gamma > 0")
         if not 0 <= self.select_after <= 1:
             raise InputError(f"select_after={self.select_after!r}: must be in [0, 1]")
         patience = self.early_stopping_patience
@@ -71,17 +85,11 @@ class TrainConfig:
             raise InputError(f"early_stopping_patience={patience!r}: a positive integer or None")
 
 
-# Per-model departures from the SRMIL reference defaults (ABMIL: Ilse et al.'s Adam setting).
-MODEL_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "srmil": {},
-    "abmil": {"optimizer": "adam", "lr": 2e-4},
-}
-
-
 def default_train_config(model_name: str) -> dict[str, Any]:
-    """The reference training settings for `model_name`, as a plain dict."""
+    """The reference training settings for `model_name` (srmil.catalog: each model's
+    departures from SRMIL's), as a plain dict."""
     _check_model_name(model_name)
-    return asdict(TrainConfig(**MODEL_TRAIN_DEFAULTS.get(model_name, {})))
+    return asdict(TrainConfig(**model_info(model_name).train))
 
 
 def make_train_config(model_name: str, train_hparams: dict[str, Any] | None = None) -> TrainConfig:
@@ -261,6 +269,8 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bags:
         optimizer.zero_grad(set_to_none=True)
         loss, parts = model.training_loss(bags[i].x, bags[i].edge_index, labels[i])
         loss.backward()
+        if hasattr(model, "clip_gradients"):  # DTFD-MIL's per-module clipping
+            model.clip_gradients()
         optimizer.step()
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + float(value)
@@ -374,11 +384,15 @@ def _check_same_graphs(bags: list[Bag]) -> dict[str, Any]:
 
 
 def _optimiser(model: torch.nn.Module, config: TrainConfig):
-    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                                config.betas)
     if config.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs,
                                                                eta_min=config.min_lr)
+    elif config.scheduler == "step":
+        milestone = math.floor(config.step_at * config.epochs + 1e-9)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone],
+                                                         gamma=config.step_gamma)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
     return optimizer, scheduler

@@ -241,7 +241,7 @@ def test_study_target_summarises_seeds_attention_and_mask_ratio(run: Path) -> No
         run / "results/splits.json"
     ).read_bytes()
     summary = (out / "summary.md").read_text()
-    for line in ("| abmil |", "| srmil |", "SRMIL - ABMIL, paired by seed", "| 0.5 |",
+    for line in ("| abmil |", "| srmil |", "Each model minus SRMIL, paired by seed", "| 0.5 |",
                  "| 0.7 |", "mask ratio (seeds 1)"):
         assert line in summary, line
     assert_png(out / "study.png")

@@ -1,4 +1,5 @@
-"""What both MIL models share: their output type, gated attention pooling, the bag loss."""
+"""What the MIL models share: their output type, gated attention pooling, the feature scaler, the
+bag loss."""
 
 from __future__ import annotations
 
@@ -18,19 +19,27 @@ class GatedAttention(nn.Module):
     """Gated attention pooling weights (Ilse et al. 2018).
 
     a = softmax_i( w^T (tanh(V h_i) * sigmoid(U h_i)) ): the sigmoid gate lets a patch switch its
-    tanh score off, which plain tanh attention cannot do for features near zero.
+    tanh score off, which plain tanh attention cannot do for features near zero. With `dropout`
+    each branch's output is dropped out (CLAM's and Patch-GCN's variant; tanh branch first).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, dropout: float = 0.0):
         super().__init__()
         self.tanh_branch = nn.Linear(in_dim, hidden_dim)
         self.sigmoid_branch = nn.Linear(in_dim, hidden_dim)
         self.score = nn.Linear(hidden_dim, 1)
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def scores(self, h: Tensor) -> Tensor:
+        """h: (N, in_dim) -> unnormalised scores (N,)."""
+        a, b = torch.tanh(self.tanh_branch(h)), torch.sigmoid(self.sigmoid_branch(h))
+        if self.dropout is not None:
+            a, b = self.dropout(a), self.dropout(b)
+        return self.score(a * b).squeeze(-1)
 
     def forward(self, h: Tensor) -> Tensor:
         """h: (N, in_dim) -> weights (N,), softmax over the N patches."""
-        gated = torch.tanh(self.tanh_branch(h)) * torch.sigmoid(self.sigmoid_branch(h))
-        return torch.softmax(self.score(gated).squeeze(-1), dim=0)
+        return torch.softmax(self.scores(h), dim=0)
 
 
 class FeatureScaler(nn.Module):

@@ -27,6 +27,7 @@ from srmil.models.base import FeatureScaler, GatedAttention, MILOutput, bag_cros
 from srmil.models.gat import SparseGATConv, SparseGraph
 
 POOLINGS = ("supernode", "gat", "gated")
+REC_NODES = ("masked", "all")
 
 
 @dataclass
@@ -48,13 +49,17 @@ class SRMILConfig:
     mask_ratio: float = 0.7  # share of patch nodes hidden in training (never the super-node)
     token_init_std: float = 0.01  # mask tokens and super-node token start near zero
     rec_alpha: float = 1.0  # scaled cosine error exponent: mean((1 - cos)^alpha)
+    # Patches the reconstruction loss counts: "masked" (the reference) or "all" (with
+    # mask_ratio 0: an autoencoder on the unmasked graph, the "no masking" ablation).
+    rec_nodes: str = "masked"
     # classification
     # "supernode" (reference default), "gat" (the reference's alternative: a 2-layer graph
     # attention network scores the patches) or "gated" (gated attention, Ilse et al.)
     pooling: str = "supernode"
     cls_hidden: int = 128  # classifier hidden size; also the "gat" and "gated" scorers' width
     cls_dropout: float = 0.059
-    # joint loss: ce = (2 - w_ce) ce_masked + w_ce ce_full; loss = (2 - w_rec) ce + w_rec rec
+    # joint loss: ce = (2 - w_ce) ce_masked + w_ce ce_full; loss = (2 - w_rec) ce + w_rec rec.
+    # w_rec = 0 switches reconstruction off: the decoder is not run (the ablation).
     w_ce: float = 1.0
     w_rec: float = 1.8
     init_gain: float = 1.414  # Xavier gain for the projection and the GAT / decoder weights
@@ -72,6 +77,9 @@ class SRMILConfig:
         for name in ("feat_dropout", "attn_dropout", "cls_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.rec_nodes not in REC_NODES:
+            raise ValueError(f"rec_nodes must be one of {', '.join(REC_NODES)}, "
+                             f"got {self.rec_nodes!r}")
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1], got {self.mask_ratio}")
         if not self.rec_alpha > 0:
@@ -286,7 +294,7 @@ class SRMIL(nn.Module):
         otherwise leak global context into every masked patch), and the masked classification
         re-encodes the same masked bag with the super-node attached. Without a super-node the
         reconstruction pass's encoding is classified directly (the reference encodes it twice,
-        differing only in dropout).
+        differing only in dropout). With w_rec = 0 the decoder is not run and `rec` is 0.
         """
         cfg = self.config
         n = check_bag(x)
@@ -300,10 +308,14 @@ class SRMIL(nn.Module):
         p_masked = self.input_proj(x_masked)
         del x_masked
 
-        h_masked, alpha = self._encode(p_masked, patch_graph)
-        if len(masked_ids) > 0:
+        target = masked_ids if cfg.rec_nodes == "masked" else torch.arange(n, device=x.device)
+        reconstruct = cfg.w_rec > 0 and len(target) > 0
+        h_masked = alpha = None
+        if reconstruct or self.super_token is None:  # else this pass would only feed the decoder
+            h_masked, alpha = self._encode(p_masked, patch_graph)
+        if reconstruct:
             x_hat = self._decode(h_masked, masked, patch_graph)
-            cos = F.cosine_similarity(x_hat[masked_ids], x[masked_ids], dim=-1)
+            cos = F.cosine_similarity(x_hat[target], x[target], dim=-1)
             rec = (1.0 - cos).pow(cfg.rec_alpha).mean()
             del x_hat
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
+from srmil.catalog import inherited_settings
 from srmil.data import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
@@ -123,6 +124,13 @@ wildcard_constraints:
 def as_json(value):
     """A config section as one shell-quoted JSON argument."""
     return shlex.quote(json.dumps(value, sort_keys=True))
+
+
+def model_settings(model, part):
+    """train.<model>.<part> ("model" or "train") as one JSON argument. A variant of SRMIL
+    (srmil_norec, ...) inherits train.srmil's settings except those the variant fixes
+    (srmil.catalog), then applies its own section."""
+    return as_json(inherited_settings(model, part, config["train"]))
 
 
 # Lookups in a sheet (the cohort's, or predict's new slides) for the per-slide rules.

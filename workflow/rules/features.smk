@@ -22,7 +22,7 @@ rule extract_features:
         amp=config["features"]["amp"],
         dtype=config["features"]["dtype"],
         read_block=config["features"]["read_block"],
-        reader=config["features"]["reader"],
+        reader=config["features"].get("reader", "auto"),
         seed=config["seed"],
         on_bad_slide=on_bad_slide,
     shell:

@@ -60,12 +60,8 @@ rule train_fold:
     params:
         features_dir=lambda wildcards, input: stores_dir(input.features),
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
-        model_params=lambda wildcards: as_json(
-            config["train"][wildcards.model]["model"]
-        ),
-        train_params=lambda wildcards: as_json(
-            config["train"][wildcards.model]["train"]
-        ),
+        model_params=lambda wildcards: model_settings(wildcards.model, "model"),
+        train_params=lambda wildcards: model_settings(wildcards.model, "train"),
         device=config["train"]["device"],
         seed=config["seed"],
         exclude_failed=EXCLUDE_OPTION,
