@@ -3,7 +3,7 @@ import sys
 
 from snakemake.utils import min_version
 
-from srmil.config import ConfigError, validate_config
+from srmil.settings import ConfigError, validate_config
 
 min_version("9.0")
 

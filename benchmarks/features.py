@@ -1,7 +1,7 @@
 """Feature extraction: the backbone's forward-only throughput vs the whole pipeline's.
 
 In one run, per model: forward passes on random tensors at the extraction batch size (the
-physical limit), and `srmil.features.extract_features` on generated demo slides (OpenSlide
+physical limit), and `srmil.features.extract.extract_features` on generated demo slides (OpenSlide
 reads, preprocessing, forward, Zarr write); the ratio says how much of the forward speed the
 pipeline keeps. The two are measured alternately slide by slide, `--repeats` times, and the
 median ratio is reported (per repeat from summed times, and over adjacent slide pairs), so
@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from srmil import store
-from srmil.backbones import load_backbone
+from srmil.cohort.samples import read_sample_sheet
 from srmil.demo import write_demo
 from srmil.device import retain_freed_memory
-from srmil.features import (
+from srmil.features.backbones import load_backbone
+from srmil.features.extract import (
     ChunkDataset,
     amp_dtype,
     extract_features,
@@ -43,9 +44,8 @@ from srmil.features import (
     resolve_workers,
     split_chunks,
 )
-from srmil.samples import read_sample_sheet
-from srmil.segment import segment_slide
-from srmil.tiling import tile_slide
+from srmil.wsi.segment import segment_slide
+from srmil.wsi.tiling import tile_slide
 
 
 def prepare_slides(

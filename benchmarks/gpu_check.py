@@ -37,8 +37,8 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 from srmil import store  # noqa: E402
-from srmil.backbones import load_backbone  # noqa: E402
-from srmil.features import (  # noqa: E402
+from srmil.features.backbones import load_backbone  # noqa: E402
+from srmil.features.extract import (  # noqa: E402
     ChunkDataset,
     Readers,
     amp_dtype,
@@ -183,9 +183,9 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
 
     def gpu_decode_pixels() -> dict[str, Any]:
         """Patches decoded on the device against OpenSlide read_region, edges included."""
-        from srmil.gpu_decode import decode_patches
-        from srmil.readers import choose_reader
-        from srmil.slide import open_slide, to_rgb
+        from srmil.features.gpu_decode import decode_patches
+        from srmil.features.readers import choose_reader
+        from srmil.wsi.slide import open_slide, to_rgb
 
         out: dict[str, Any] = {}
         for path in [s[0] for s in slides] + [str(aperio_rgb_slide(slides, work))]:
@@ -226,9 +226,9 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
 
     def gpu_decode_corrupt_tile() -> dict[str, Any]:
         """A tile with noise in its entropy-coded data: nvJPEG must not hand back garbage."""
-        from srmil.gpu_decode import decode_patches
-        from srmil.readers import choose_reader
-        from srmil.slide import SlideError, open_slide
+        from srmil.features.gpu_decode import decode_patches
+        from srmil.features.readers import choose_reader
+        from srmil.wsi.slide import SlideError, open_slide
 
         src = aperio_rgb_slide(slides, work)
         damaged = work / "damaged.svs"
@@ -295,7 +295,7 @@ def tests_slides():
 def aperio_rgb_slide(slides, work: Path) -> Path:
     """An Aperio-style SVS with RGB-encoded JPEG tiles and shared tables, from a demo slide's
     pixels at an odd size (written once)."""
-    from srmil.slide import open_slide, to_rgb
+    from srmil.wsi.slide import open_slide, to_rgb
 
     path = work / "aperio_rgb.svs"
     if not path.exists():
@@ -307,9 +307,9 @@ def aperio_rgb_slide(slides, work: Path) -> Path:
 def reading_only_gpu(slides, batch_size: int, device: torch.device) -> float:
     """Patches/s of the tile reader feeding the device decoder (one thread reads compressed
     tiles, the device decodes and cuts), no model."""
-    from srmil.gpu_decode import decode_patches
-    from srmil.readers import choose_reader
-    from srmil.slide import open_slide
+    from srmil.features.gpu_decode import decode_patches
+    from srmil.features.readers import choose_reader
+    from srmil.wsi.slide import open_slide
 
     total = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -1,17 +1,17 @@
 """Every MIL model side by side: time per epoch and peak memory at bag sizes of 1k, 10k and 100k
-patches (SRMIL, its ablations and the baselines of srmil.catalog; `--models` picks some).
+patches (SRMIL, its ablations and the baselines of srmil.mil.catalog; `--models` picks some).
 
 Each (model, bag size) runs in its own process, so that its peak resident memory (ru_maxrss) is
 its own: the process builds one bag (D-dim random features on a tissue-like patch grid with its
 window-2 graph, as the graph stage writes it), the model with its reference defaults and its
-reference optimiser, and times what one epoch does per slide in `srmil.train`: a training step
+reference optimiser, and times what one epoch does per slide in `srmil.mil.train`: a training step
 (forward, backward, the model's gradient clipping, optimiser step) plus the unmasked evaluation
 forward. Times are the best of
 `--repeats` after one warm-up epoch (on the CPU, bags of 50k patches and more run once, cold, as
 the first epoch of a real run does); wall clock and the process's CPU time, which other jobs on
 a shared machine disturb less (hence one torch thread by default). Memory: the peak RSS of the
 process, and the part above its RSS before the first step (the bag, model and libraries). On
-CUDA also the peak of allocated GPU memory. Training in `srmil.train` runs in deterministic
+CUDA also the peak of allocated GPU memory. Training in `srmil.mil.train` runs in deterministic
 mode, which on CUDA makes SRMIL take a slower exact path (see docs/method.md); this measures the
 default mode.
 
@@ -38,7 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 
-from srmil.catalog import MODEL_NAMES  # noqa: E402 (torch-free)
+from srmil.mil.catalog import MODEL_NAMES  # noqa: E402 (torch-free)
 
 GiB = 2**30
 
@@ -51,9 +51,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from graph import tissue_cells
 
     from srmil.graph import grid_edges
-    from srmil.models import build_model
-    from srmil.optim import build_optimizer
-    from srmil.train import make_train_config, resolve_device
+    from srmil.mil.models import build_model
+    from srmil.mil.optim import build_optimizer
+    from srmil.mil.train import make_train_config, resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -159,7 +159,7 @@ def measure(model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def model_hparams(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """--hparams for SRMIL and its ablations; --model-hparams NAME=JSON for any model."""
-    from srmil.catalog import model_info
+    from srmil.mil.catalog import model_info
 
     hparams = json.loads(args.hparams) if model_info(model).family == "srmil" else {}
     for item in args.model_hparams:

@@ -52,21 +52,21 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 from srmil import store  # noqa: E402
-from srmil.backbones import Backbone, BackboneSpec, load_backbone  # noqa: E402
+from srmil.cohort.samples import read_sample_sheet  # noqa: E402
 from srmil.demo import write_demo  # noqa: E402
 from srmil.device import retain_freed_memory  # noqa: E402
-from srmil.features import (  # noqa: E402
+from srmil.features.backbones import Backbone, BackboneSpec, load_backbone  # noqa: E402
+from srmil.features.extract import (  # noqa: E402
     THREAD_CHUNK,
     ChunkDataset,
     extract_features,
     plan_batches,
     split_chunks,
 )
-from srmil.readers import choose_reader  # noqa: E402
-from srmil.samples import read_sample_sheet  # noqa: E402
-from srmil.segment import segment_slide  # noqa: E402
-from srmil.slide import open_slide  # noqa: E402
-from srmil.tiling import TileParams, tile_slide  # noqa: E402
+from srmil.features.readers import choose_reader  # noqa: E402
+from srmil.wsi.segment import segment_slide  # noqa: E402
+from srmil.wsi.slide import open_slide  # noqa: E402
+from srmil.wsi.tiling import TileParams, tile_slide  # noqa: E402
 
 
 def tissue_tiles(slide: str, tiles_json: Path) -> tuple[list[bytes], Any]:

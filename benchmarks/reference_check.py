@@ -55,9 +55,9 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 
 from srmil.graph import grid_edges  # noqa: E402
-from srmil.models import build_model  # noqa: E402
-from srmil.optim import build_optimizer  # noqa: E402
-from srmil.train import make_train_config  # noqa: E402
+from srmil.mil.models import build_model  # noqa: E402
+from srmil.mil.optim import build_optimizer  # noqa: E402
+from srmil.mil.train import make_train_config  # noqa: E402
 
 REPOS = {
     "CLAM": "mahmoodlab+CLAM",
@@ -173,7 +173,7 @@ def grads(model: nn.Module, key_map: Callable[[str], str | None]) -> dict[str, T
 
 
 def ours_step(model: nn.Module, optimizer: torch.optim.Optimizer, bag: Bag) -> float:
-    """One step as srmil.train does it: loss, backward, the model's clipping, optimiser."""
+    """One step as srmil.mil.train does it: loss, backward, the model's clipping, optimiser."""
     optimizer.zero_grad(set_to_none=True)
     loss, _ = model.training_loss(bag.x, bag.edges, bag.label)
     loss.backward()

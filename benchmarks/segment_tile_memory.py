@@ -73,8 +73,8 @@ class SyntheticSlide:
 
 def measure_one(width_mm: float, height_mm: float, mpp: float) -> dict:
     """Segment and tile one synthetic slide in this process; peak RSS at each step."""
-    import srmil.segment as segment
-    import srmil.tiling as tiling
+    import srmil.wsi.segment as segment
+    import srmil.wsi.tiling as tiling
 
     width, height = round(width_mm * 1000 / mpp), round(height_mm * 1000 / mpp)
     slide = SyntheticSlide(width, height, mpp)

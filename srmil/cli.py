@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from srmil.catalog import MODEL_NAMES
+from srmil.mil.catalog import MODEL_NAMES
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from srmil.errors import InputError
-    from srmil.segment import params_from_dict, segment_slide
+    from srmil.wsi.segment import params_from_dict, segment_slide
 
     if args.annotation and not Path(args.annotation).is_file():
         raise InputError(
@@ -78,8 +78,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 
 def cmd_tile(args: argparse.Namespace) -> None:
-    from srmil.exclusion import check_upstream
-    from srmil.tiling import params_from_dict, tile_slide
+    from srmil.cohort.exclusion import check_upstream
+    from srmil.wsi.tiling import params_from_dict, tile_slide
 
     check_upstream(args.tissue)
     plan = tile_slide(
@@ -102,15 +102,15 @@ def cmd_tile(args: argparse.Namespace) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> None:
-    from srmil.exclusion import check_upstream
+    from srmil.cohort.exclusion import check_upstream
 
     check_upstream(args.tiles)  # before the backbone is loaded
     _set_threads(args.threads)
     from srmil.device import retain_freed_memory
 
     retain_freed_memory()  # this process extracts one slide, then exits
-    from srmil.backbones import load_backbone
-    from srmil.features import extract_features
+    from srmil.features.backbones import load_backbone
+    from srmil.features.extract import extract_features
 
     backbone = load_backbone(args.backbone, seed=args.seed)
     extract_features(
@@ -131,7 +131,7 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def cmd_graph(args: argparse.Namespace) -> None:
-    from srmil.exclusion import check_upstream
+    from srmil.cohort.exclusion import check_upstream
     from srmil.graph import build_graph
 
     check_upstream(args.tiles)
@@ -143,8 +143,8 @@ def cmd_graph(args: argparse.Namespace) -> None:
 
 def cmd_splits(args: argparse.Namespace) -> None:
     from srmil import store
-    from srmil.data import make_splits, read_split_file
-    from srmil.samples import read_sample_sheet
+    from srmil.cohort.samples import read_sample_sheet
+    from srmil.cohort.splits import make_splits, read_split_file
 
     samples = read_sample_sheet(args.samples, check_files=False)
     if args.split_file:
@@ -161,9 +161,9 @@ def cmd_splits(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     from srmil import store
-    from srmil.config import check_model_settings
-    from srmil.samples import read_sample_sheet
-    from srmil.train import train_fold
+    from srmil.cohort.samples import read_sample_sheet
+    from srmil.mil.train import train_fold
+    from srmil.settings import check_model_settings
 
     # Before the bags are loaded: a bad setting fails in seconds, naming its config key.
     check_model_settings(args.model, args.model_params, args.train_params)
@@ -187,8 +187,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     from srmil import store
-    from srmil.evaluate import evaluate_model
-    from srmil.samples import read_sample_sheet
+    from srmil.cohort.samples import read_sample_sheet
+    from srmil.mil.evaluate import evaluate_model
 
     metrics = evaluate_model(
         args.model,
@@ -212,7 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from srmil.evaluate import compare_models
+    from srmil.report.summaries import compare_models
 
     compare_models(
         args.metrics,
@@ -225,13 +225,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_ablation(args: argparse.Namespace) -> None:
-    from srmil.evaluate import summarise_ablation
+    from srmil.report.summaries import summarise_ablation
 
     summarise_ablation(args.metrics, args.mask_ratios, args.out_csv, args.out_png)
 
 
 def cmd_study(args: argparse.Namespace) -> None:
-    from srmil.study import parse_run, summarise_study
+    from srmil.report.study import parse_run, summarise_study
 
     runs = [parse_run(*run) for run in args.run]
     summarise_study(runs, args.out_dir, main_ratio=args.main_ratio)
@@ -244,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     heatmaps = dict(top_patches=args.top_patches, heatmap_px=args.heatmap_px)
     if args.features_dir:  # stores made by the workflow's stages
-        from srmil.samples import read_sample_sheet
+        from srmil.cohort.samples import read_sample_sheet
 
         heatmap_dir = None if args.no_heatmaps else args.tiles_dir or None
         table = predict.predict_slides(
@@ -283,7 +283,7 @@ SLIDE_STAGES = ("segment", "tile", "features", "graph")
 
 def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
     """What a per-slide stage writes in place of its outputs when it fails on bad input under
-    --exclude-failed (srmil.exclusion)."""
+    --exclude-failed (srmil.cohort.exclusion)."""
     from srmil import exclusion
 
     if args.command == "segment":
@@ -529,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from srmil.cohort.exclusion import OPTION, SlideExcluded
     from srmil.errors import InputError, one_line
-    from srmil.exclusion import OPTION, SlideExcluded
 
     try:
         args.func(args)

@@ -3,7 +3,9 @@ the key rather than a torch traceback in the middle of a job."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 import torch
 
@@ -62,3 +64,15 @@ def retain_freed_memory() -> bool:
     # Blocks up to 1 GiB from the heap; free memory at its top kept up to 1 GiB.
     _RETAINED = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 1 << 30))
     return _RETAINED
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Limit torch's intra-op CPU threads inside the block (None: leave as is)."""
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

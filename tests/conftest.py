@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from srmil.cohort.samples import read_sample_sheet
 from srmil.demo import write_demo
-from srmil.samples import read_sample_sheet
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny: 8 small slides, 2 folds, a few epochs. Same workflow and config keys as the demo.

@@ -19,20 +19,20 @@ import torch
 import yaml
 from conftest import REPO, deep_update, snakemake
 
-from srmil.backbones import load_backbone
 from srmil.cli import main
-from srmil.data import load_bag
+from srmil.cohort.samples import SampleSheetError, check_slide_file
 from srmil.demo import TissueShape, write_slide
 from srmil.errors import InputError, one_line
-from srmil.features import extract_features
-from srmil.features import resolve_device as features_device
+from srmil.features.backbones import load_backbone
+from srmil.features.extract import extract_features
+from srmil.features.extract import resolve_device as features_device
 from srmil.graph import build_graph
-from srmil.samples import SampleSheetError, check_slide_file
-from srmil.segment import segment_slide
-from srmil.slide import SlideError
+from srmil.mil.bags import load_bag
+from srmil.mil.train import resolve_device as train_device
 from srmil.store import read_store_attrs, read_tiles
-from srmil.tiling import tile_slide
-from srmil.train import resolve_device as train_device
+from srmil.wsi.segment import segment_slide
+from srmil.wsi.slide import SlideError
+from srmil.wsi.tiling import tile_slide
 
 RESNET18 = {"model": "resnet18", "pretrained": False}
 
@@ -351,7 +351,7 @@ def test_extreme_aspect_ratio_is_tiled(slides: dict[str, Path], tmp_path: Path) 
     coords, _, _ = read_tiles(tmp_path / "l.json")
     assert summary["n_pieces"] >= 1 and plan["n_tiles"] == len(coords) > 0
     assert (coords[:, 0] + 224 <= 12288).all() and (coords[:, 1] + 224 <= 768).all()
-    from srmil.segment import read_png
+    from srmil.wsi.segment import read_png
 
     h, w = read_png(tmp_path / "l.tiles.png").shape[:2]
     assert w / h == pytest.approx(16, rel=0.1)
@@ -676,10 +676,10 @@ class _Payload:
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, capsys) -> None:
-    from srmil.backbones import BackboneError, load_weights
-    from srmil.models import build_model, default_hparams
+    from srmil.features.backbones import BackboneError, load_weights
+    from srmil.mil.inference import load_model
+    from srmil.mil.models import build_model, default_hparams
     from srmil.store import StoreError, load_state_dict
-    from srmil.train import load_model
 
     marker = tmp_path / "ran"
     model = build_model("abmil", in_dim=4, n_classes=2)

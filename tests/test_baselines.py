@@ -18,17 +18,20 @@ import torch
 import yaml
 from test_data import synthetic_cohort
 
-from srmil.catalog import MODEL_NAMES, MODELS, inherited_settings, model_info
-from srmil.data import STEP_MIB_PER_100K, load_bag, make_splits
-from srmil.evaluate import classification_metrics, predict_bags
+from srmil.cohort.splits import make_splits
 from srmil.graph import grid_edges
-from srmil.models import FAMILIES, build_model, default_hparams
-from srmil.models.clam import smooth_top1_svm
-from srmil.models.gat import SparseGraph
-from srmil.models.genconv import SparseGENConv, _SoftmaxAggregate
-from srmil.models.nystrom import NystromAttention, iterative_pinv
-from srmil.optim import Lookahead, build_optimizer
-from srmil.train import TrainConfig, _optimiser, default_train_config, load_model, train_fold
+from srmil.mil.bags import load_bag
+from srmil.mil.catalog import MODEL_NAMES, MODELS, inherited_settings, model_info
+from srmil.mil.inference import load_model, predict_bags
+from srmil.mil.metrics import classification_metrics
+from srmil.mil.models import FAMILIES, build_model, default_hparams
+from srmil.mil.models.clam import smooth_top1_svm
+from srmil.mil.models.gat import SparseGraph
+from srmil.mil.models.genconv import SparseGENConv, _SoftmaxAggregate
+from srmil.mil.models.nystrom import NystromAttention, iterative_pinv
+from srmil.mil.optim import Lookahead, build_optimizer
+from srmil.mil.train import TrainConfig, _optimiser, default_train_config, train_fold
+from srmil.workflow import STEP_MIB_PER_100K
 
 REPO = Path(__file__).resolve().parents[1]
 # Small widths where a model's reference size only costs time here (TransMIL's 256 landmarks

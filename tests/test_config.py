@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from srmil.config import ConfigError, validate_config
+from srmil.settings import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
@@ -92,7 +92,7 @@ def test_schema_lists_every_training_setting() -> None:
     """The schema checks train.<model>.train at parse time; it must know TrainConfig's keys."""
     from dataclasses import fields
 
-    from srmil.train import TrainConfig
+    from srmil.mil.train import TrainConfig
 
     schema = yaml.safe_load(SCHEMA.read_text())
     listed = schema["definitions"]["model_section"]["properties"]["train"]["properties"]
@@ -123,7 +123,7 @@ def test_schema_lists_every_training_setting() -> None:
 )
 def test_model_settings_name_the_key(model, model_params, train_params, expected) -> None:
     """Model hyper-parameters are checked when `srmil train` starts, before any bag is read."""
-    from srmil.config import check_model_settings
+    from srmil.settings import check_model_settings
 
     with pytest.raises(ConfigError, match=expected) as err:
         check_model_settings(model, model_params, train_params)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from srmil.cli import main as cli_main
-from srmil.data import fold_count, load_bag, make_splits, read_split_file
+from srmil.cohort.splits import fold_count, make_splits, read_split_file
 from srmil.errors import InputError
+from srmil.mil.bags import load_bag
 from srmil.store import read_json, write_feature_store, write_graph_store, write_json
 
 STRIDE_PX = 224

@@ -13,7 +13,9 @@ from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
 from srmil import demo
-from srmil.attention import (
+from srmil.cohort.splits import make_splits
+from srmil.errors import InputError
+from srmil.mil.attention import (
     POSITIVE_AREA,
     AttentionRecorder,
     epoch_summaries,
@@ -22,19 +24,13 @@ from srmil.attention import (
     slide_attention_stats,
     summarise_stats,
 )
-from srmil.data import make_splits
-from srmil.errors import InputError
-from srmil.evaluate import (
-    bootstrap_intervals,
-    classification_metrics,
-    compare_models,
-    evaluate_model,
-    plot_roc,
-    summarise_ablation,
-)
-from srmil.heatmaps import draw_heatmap, read_patches
+from srmil.mil.evaluate import evaluate_model
+from srmil.mil.metrics import bootstrap_intervals, classification_metrics
+from srmil.mil.train import train_fold
+from srmil.report.heatmaps import draw_heatmap, read_patches
+from srmil.report.plots import plot_roc
+from srmil.report.summaries import compare_models, summarise_ablation
 from srmil.store import read_json, write_tiles
-from srmil.train import train_fold
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,8 +17,8 @@ import torch
 import zarr
 
 from srmil import store
-from srmil.backbones import BackboneError, load_backbone
-from srmil.features import (
+from srmil.features.backbones import BackboneError, load_backbone
+from srmil.features.extract import (
     ChunkDataset,
     extract_features,
     plan_batches,
@@ -27,9 +27,9 @@ from srmil.features import (
     split_chunks,
     usable_cpus,
 )
-from srmil.segment import segment_slide
-from srmil.slide import open_slide, to_rgb
-from srmil.tiling import tile_slide
+from srmil.wsi.segment import segment_slide
+from srmil.wsi.slide import open_slide, to_rgb
+from srmil.wsi.tiling import tile_slide
 
 SPEC = {"model": "resnet18", "pretrained": False}
 
@@ -121,7 +121,7 @@ def test_features_are_bitwise_reproducible(
         ("c", 0, 4, 8),
         ("d", 0, 1, 2),
     ):
-        monkeypatch.setattr("srmil.features.THREAD_CHUNK", chunk)
+        monkeypatch.setattr("srmil.features.extract.THREAD_CHUNK", chunk)
         extract_features(
             slide,
             tiles_json,

@@ -11,9 +11,9 @@ import torch
 import torch_geometric
 
 from srmil.graph import grid_edges
-from srmil.models import MODEL_NAMES, MILOutput, build_model, default_hparams, gat
-from srmil.models.base import FeatureScaler
-from srmil.models.gat import SparseGATConv, SparseGraph, _AttentionAggregate
+from srmil.mil.models import MODEL_NAMES, MILOutput, build_model, default_hparams, gat
+from srmil.mil.models.base import FeatureScaler
+from srmil.mil.models.gat import SparseGATConv, SparseGraph, _AttentionAggregate
 
 # Every variant the trainer can build: (model name, hparams overrides).
 VARIANTS = [("srmil", {}), ("srmil", {"pooling": "gat"}), ("srmil", {"pooling": "gated"}),

@@ -12,18 +12,18 @@ import pandas as pd
 import pytest
 
 from srmil.cli import main
-from srmil.data import make_splits
-from srmil.evaluate import evaluate_model
+from srmil.cohort.splits import make_splits
 from srmil.graph import grid_edges
-from srmil.predict import (
+from srmil.mil.evaluate import evaluate_model
+from srmil.mil.predict import (
     PredictError,
     check_store,
     graph_window,
     predict_slides,
     prepare_slides,
 )
+from srmil.mil.train import train_fold
 from srmil.store import read_json, write_feature_store, write_graph_store
-from srmil.train import train_fold
 
 STRIDE = 224
 ATTRS = {"extractor": "toy", "backbone": {"model": "toy"}, "weights_hash": "ab" * 32,

@@ -18,18 +18,18 @@ import zarr
 from jpeg_slides import damage_tile, write_jpeg_slide
 
 from srmil import store
-from srmil.backbones import load_backbone
-from srmil.features import (
+from srmil.features.backbones import load_backbone
+from srmil.features.extract import (
     ChunkDataset,
     extract_features,
     resolve_workers,
     split_chunks,
 )
-from srmil.gpu_decode import decode_patches
-from srmil.readers import ADOBE, ReaderChoice, TileReader, choose_reader, inspect_level
-from srmil.segment import segment_slide
-from srmil.slide import SlideError, open_slide, to_rgb
-from srmil.tiling import TileParams, tile_slide
+from srmil.features.gpu_decode import decode_patches
+from srmil.features.readers import ADOBE, ReaderChoice, TileReader, choose_reader, inspect_level
+from srmil.wsi.segment import segment_slide
+from srmil.wsi.slide import SlideError, open_slide, to_rgb
+from srmil.wsi.tiling import TileParams, tile_slide
 
 SPEC = {"model": "resnet18", "pretrained": False}
 # The issue's bound for reads at a level's own resolution (both decoders' rounding).
@@ -202,9 +202,9 @@ def test_features_agree_and_are_reproducible(
         "c": ("jpeg-tiles", 1, 8),
         "d": ("auto", 0, 2),
     }
-    with caplog.at_level(logging.INFO, logger="srmil.features"):
+    with caplog.at_level(logging.INFO, logger="srmil.features.extract"):
         for name, (reader, workers, chunk) in runs.items():
-            monkeypatch.setattr("srmil.features.THREAD_CHUNK", chunk)
+            monkeypatch.setattr("srmil.features.extract.THREAD_CHUNK", chunk)
             extract_features(
                 slide,
                 tiles,
@@ -232,8 +232,8 @@ def test_features_agree_and_are_reproducible(
 def test_features_of_a_finer_slide_read_at_the_target(tmp_path: Path) -> None:
     """A 0.25 µm/px slide tiled at 0.5 µm/px: tiles decoded at 1/2 (DCT scaling), features
     close to OpenSlide-read-and-shrink."""
+    from srmil.cohort.samples import read_sample_sheet
     from srmil.demo import write_demo
-    from srmil.samples import read_sample_sheet
 
     sheet = write_demo(tmp_path / "c", 1, width_px=2048, height_px=1536, mpp=0.25, progress=False)
     slide = read_sample_sheet(sheet).path.iloc[0]

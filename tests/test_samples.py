@@ -3,7 +3,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from srmil.samples import SampleSheetError, read_sample_sheet
+from srmil.cohort.samples import SampleSheetError, read_sample_sheet
 
 
 def write_sheet(path: Path, rows: list[dict]) -> Path:

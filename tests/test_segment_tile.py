@@ -14,9 +14,9 @@ import yaml
 
 from srmil import demo, store
 from srmil.cli import main as cli_main
+from srmil.cohort.samples import SampleSheetError, read_sample_sheet, segment_overrides
 from srmil.graph import build_graph
-from srmil.samples import SampleSheetError, read_sample_sheet, segment_overrides
-from srmil.segment import (
+from srmil.wsi.segment import (
     SegmentParams,
     SegmentParamsError,
     params_from_dict,
@@ -25,15 +25,15 @@ from srmil.segment import (
     segment_slide,
     view_downsample,
 )
-from srmil.slide import SlideError
-from srmil.tiling import (
+from srmil.wsi.slide import SlideError
+from srmil.wsi.tiling import (
     TileParams,
     TileParamsError,
     grid_coords,
     tile_slide,
     tissue_fractions,
 )
-from srmil.tiling import params_from_dict as tile_params_from_dict
+from srmil.wsi.tiling import params_from_dict as tile_params_from_dict
 
 
 def run_slide(slide: str | Path, out: Path, name: str, **kwargs) -> dict:

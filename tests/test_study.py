@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from srmil.evaluate import classification_metrics
-from srmil.study import (
+from srmil.mil.metrics import classification_metrics
+from srmil.report.study import (
     Run,
     model_order,
     paired_bootstrap,

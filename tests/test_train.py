@@ -12,20 +12,22 @@ import pytest
 import torch
 from test_data import FEATURE_ATTRS, STRIDE_PX, synthetic_cohort
 
-from srmil.data import MIN_TRAIN_MIB, load_bag, make_splits, train_memory_mb
+from srmil.cohort.splits import make_splits
+from srmil.device import torch_threads
 from srmil.errors import InputError
-from srmil.evaluate import classification_metrics, predict_bags
 from srmil.graph import grid_edges
-from srmil.store import read_json, write_feature_store, write_graph_store
-from srmil.train import (
+from srmil.mil.bags import load_bag
+from srmil.mil.inference import load_model, predict_bags
+from srmil.mil.metrics import classification_metrics
+from srmil.mil.train import (
     default_train_config,
     first_selectable_epoch,
-    load_model,
     make_train_config,
     select_epoch,
-    torch_threads,
     train_fold,
 )
+from srmil.store import read_json, write_feature_store, write_graph_store
+from srmil.workflow import MIN_TRAIN_MIB, train_memory_mb
 
 QUICK = {"epochs": 3, "select_after": 0.5}
 # One thread: these bags are tiny, and more threads only add contention on a shared CPU.
@@ -268,13 +270,13 @@ def demo_cohort(tmp_path_factory):
     Small patches (112 px at 0.5 µm/px) so that the demo's small tumour regions fill a few of
     them, embedded by a randomly initialised resnet18 at 64 x 64 px to keep the CPU time low.
     """
-    from srmil.backbones import load_backbone
+    from srmil.cohort.samples import read_sample_sheet
     from srmil.demo import write_demo
-    from srmil.features import extract_features
+    from srmil.features.backbones import load_backbone
+    from srmil.features.extract import extract_features
     from srmil.graph import build_graph
-    from srmil.samples import read_sample_sheet
-    from srmil.segment import segment_slide
-    from srmil.tiling import TileParams, tile_slide
+    from srmil.wsi.segment import segment_slide
+    from srmil.wsi.tiling import TileParams, tile_slide
 
     root = tmp_path_factory.mktemp("demo_learning")
     sheet = write_demo(root / "demo", n_slides=24, seed=0, width_px=2048, height_px=1536,

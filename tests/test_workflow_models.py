@@ -14,7 +14,7 @@ import torch
 import yaml
 from conftest import snakemake
 
-from srmil.catalog import MODEL_NAMES, model_info
+from srmil.mil.catalog import MODEL_NAMES, model_info
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,8 @@ def test_every_model_in_one_comparison_on_the_same_folds(all_models: Path) -> No
 
 @pytest.mark.slow
 def test_predict_works_with_every_model(all_models: Path, tmp_path: Path) -> None:
-    from srmil.predict import predict_slides
-    from srmil.samples import read_sample_sheet
+    from srmil.cohort.samples import read_sample_sheet
+    from srmil.mil.predict import predict_slides
 
     samples = read_sample_sheet(all_models / "resources/demo/samples.csv", check_files=False)
     samples = samples.iloc[:2]

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from srmil.catalog import inherited_settings
-from srmil.data import fold_count, make_splits, read_split_file
+from srmil.mil.catalog import inherited_settings
+from srmil.cohort.splits import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
-from srmil.samples import check_row_files, read_sample_sheet, segment_overrides
+from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
 
 DEMO_SHEET = Path(config["demo"]["out_dir"]) / "samples.csv"
 IS_DEMO = Path(config["samples"]).resolve() == DEMO_SHEET.resolve()
@@ -27,7 +27,7 @@ def keep_going_requested():
 
 
 # exclude_failed_slides: a slide whose file is missing or unreadable is excluded (its outputs
-# record why) instead of failing its jobs; training and evaluation leave it out (srmil.exclusion).
+# record why) instead of failing its jobs; training and evaluation leave it out (srmil.cohort.exclusion).
 EXCLUDE_FAILED = bool(config.get("exclude_failed_slides", False))
 # With --keep-going a bad slide file fails only its own jobs, not the whole run (below).
 # Job processes (a cluster job parses the workflow again) leave the files to the main one.
@@ -129,7 +129,7 @@ def as_json(value):
 def model_settings(model, part):
     """train.<model>.<part> ("model" or "train") as one JSON argument. A variant of SRMIL
     (srmil_norec, ...) inherits train.srmil's settings except those the variant fixes
-    (srmil.catalog), then applies its own section."""
+    (srmil.mil.catalog), then applies its own section."""
     return as_json(inherited_settings(model, part, config["train"]))
 
 
@@ -250,7 +250,7 @@ def ablation_model_params(wildcards):
 def srmil_mask_ratio():
     """The mask ratio of the main SRMIL model (train.srmil, else the model's default)."""
     # Imported here: torch is loaded only when the ablation or the study is requested.
-    from srmil.models import default_hparams
+    from srmil.mil.models import default_hparams
 
     model = (config["train"].get("srmil") or {}).get("model") or {}
     return float(model.get("mask_ratio", default_hparams("srmil")["mask_ratio"]))

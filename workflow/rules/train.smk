@@ -1,4 +1,4 @@
-from srmil.data import train_memory_mb
+from srmil.workflow import train_memory_mb
 
 
 rule splits:

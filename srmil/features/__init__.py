@@ -1,0 +1,1 @@
+"""Patch features: backbones, patch readers (OpenSlide, JPEG tiles, GPU decoding), extraction."""

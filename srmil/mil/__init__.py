@@ -1,0 +1,2 @@
+"""Multiple-instance learning: models, bags, training, inference, metrics, evaluation,
+prediction on new slides."""

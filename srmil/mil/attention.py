@@ -1,0 +1,245 @@
+"""Attention diagnostics (paper Fig. 3): does a model's attention collapse onto single patches,
+and do the patches it attends to lie in the annotated tumour?
+
+Per slide and epoch we keep the largest attention weight and, for positive slides (those with an
+annotation that covers at least one patch), how many of the top-1, top-5 and highly attended
+(weight >= 0.5) patches are positive. A patch is positive when more than 20% of its area is
+annotated. Summaries pool the counts over slides, so "top-5 positive" is the share of all top-5
+patches of positive slides that are positive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from srmil.errors import InputError
+from srmil.store import read_json
+
+HIGH_ATTENTION = 0.5  # a weight at least this large means one patch dominates the slide
+POSITIVE_AREA = 0.2  # a patch is positive when more than this share of it is annotated
+TOP_K = (1, 5)
+FINE_PX = 128  # raster side of one patch when re-measured: edges cost under 0.5% of area each
+EDGE_MAX_SIDE = 2048  # longer side of the raster that finds the patches an edge crosses
+
+
+def patch_annotation_fractions(coords_level0: np.ndarray, patch_level0: float,
+                               polygons: list[dict[str, Any]]) -> np.ndarray:
+    """Share of each patch (origin (x, y) in level-0 px, side `patch_level0`) covered by the
+    annotation polygons, to within about 1% of the patch's area.
+
+    A coarse pass (the tiling's summed-area table, 1/16 of a patch side) is exact for patches
+    that no polygon edge crosses; every other patch is measured again on a raster of its own at
+    FINE_PX per side, so the 20% rule is not decided by where the coarse grid happens to fall.
+    """
+    from srmil.wsi.tiling import tissue_fractions
+
+    coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+    if len(coords_level0) == 0 or not polygons:
+        return np.zeros(len(coords_level0))
+    extent = coords_level0.max(axis=0) + int(np.ceil(patch_level0))
+    # The tiling's measure, over the patches' extent instead of the slide's.
+    plan = {"slide_width": int(extent[0]), "slide_height": int(extent[1]),
+            "patch_level0": float(patch_level0)}
+    fractions = tissue_fractions(coords_level0, plan, polygons)
+    rings = [[np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in poly["coordinates"]]
+             for poly in polygons if poly["coordinates"] and len(poly["coordinates"][0])]
+    edge = _crossed_by_an_edge(coords_level0, patch_level0, rings, extent)
+    for i in np.flatnonzero(edge | ((fractions > 0) & (fractions < 1))):
+        fractions[i] = _patch_fraction(coords_level0[i], patch_level0, rings)
+    return fractions
+
+
+def _crossed_by_an_edge(coords_level0: np.ndarray, patch_level0: float,
+                        rings: list[list[np.ndarray]], extent: np.ndarray) -> np.ndarray:
+    """Boolean (N,): patches that a polygon edge may cross (never misses one; may add a few)."""
+    import cv2
+
+    from srmil.wsi.tiling import box_sums
+
+    cell = max(patch_level0 / 4, float(extent.max()) / EDGE_MAX_SIDE)
+    shape = (int(np.ceil(extent[1] / cell)) + 1, int(np.ceil(extent[0] / cell)) + 1)
+    edges = np.zeros(shape, np.uint8)
+    lines = [np.round((r / cell - 0.5) * 16).astype(np.int32) for poly in rings for r in poly]
+    # Three pixels wide, so that an edge that only clips a pixel's corner still marks it.
+    cv2.polylines(edges, lines, True, 1, 3, cv2.LINE_8, 4)
+    x0, y0 = np.floor(coords_level0 / cell).astype(np.int64).T
+    x1, y1 = np.ceil((coords_level0 + patch_level0) / cell).astype(np.int64).T
+    x0, x1 = np.clip(x0, 0, shape[1]), np.clip(x1, 0, shape[1])
+    y0, y1 = np.clip(y0, 0, shape[0]), np.clip(y1, 0, shape[0])
+    return box_sums(edges, x0, y0, x1, y1) > 0
+
+
+def _patch_fraction(origin: np.ndarray, patch_level0: float,
+                    rings: list[list[np.ndarray]]) -> float:
+    """Annotated share of one patch, rasterised at FINE_PX per side with the polygons shifted
+    to the patch's origin (only those whose bounding box reaches the patch)."""
+    from srmil.wsi.segment import polygons_mask
+
+    lo, hi = origin.astype(np.float64), origin + float(patch_level0)
+    near = [{"coordinates": [r - lo for r in poly]} for poly in rings
+            if (poly[0].min(axis=0) < hi).all() and (poly[0].max(axis=0) > lo).all()]
+    if not near:
+        return 0.0
+    return float(polygons_mask(near, (FINE_PX, FINE_PX), patch_level0 / FINE_PX).mean())
+
+
+def positive_patches(coords_level0: np.ndarray, patch_level0: float,
+                     annotation: str | os.PathLike,
+                     min_fraction: float = POSITIVE_AREA) -> np.ndarray:
+    """Boolean (N,): patches whose annotated share exceeds `min_fraction`."""
+    from srmil.wsi.segment import read_geojson_polygons
+
+    path = Path(annotation)
+    if not path.is_file():
+        raise InputError(f"{path}: annotation not found; fix its path in the sample sheet or "
+                         "leave it empty")
+    polygons = read_geojson_polygons(path)
+    return patch_annotation_fractions(coords_level0, patch_level0, polygons) > min_fraction
+
+
+def slide_attention_stats(attention: np.ndarray,
+                          positive: np.ndarray | None = None) -> dict[str, int | float]:
+    """Statistics of one slide's attention weights (N,).
+
+    Always `max_weight` and `n_high` (patches with weight >= HIGH_ATTENTION); with the patches'
+    positivity (N,) also `top{k}_positive` / `top{k}_n` for k in TOP_K and `high_positive`.
+    Ties in the ranking go to the lower patch index.
+    """
+    attention = np.asarray(attention, dtype=np.float64).ravel()
+    high = attention >= HIGH_ATTENTION
+    stats: dict[str, int | float] = {
+        "max_weight": float(attention.max()) if attention.size else float("nan"),
+        "n_high": int(high.sum()),
+    }
+    if positive is not None:
+        positive = np.asarray(positive, dtype=bool).ravel()
+        if positive.shape != attention.shape:
+            raise ValueError(f"{positive.shape[0]} positivity flags for {attention.size} patches")
+        order = np.argsort(-attention, kind="stable")
+        for k in TOP_K:
+            top = positive[order[:k]]
+            stats[f"top{k}_positive"], stats[f"top{k}_n"] = int(top.sum()), int(top.size)
+        stats["high_positive"] = int(positive[high].sum())
+    return stats
+
+
+def summarise_stats(stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pool per-slide statistics (one epoch) into the figure's numbers.
+
+    `share_high`: share of slides with a weight >= HIGH_ATTENTION; `max_weight_median` and the
+    quartiles; for positive slides (those with `top1_n`), `top{k}_positive` and `high_positive`:
+    the share of those patches that are positive (None when there are none).
+    """
+    max_weight = np.array([s["max_weight"] for s in stats], dtype=np.float64)
+    max_weight = max_weight[np.isfinite(max_weight)]
+    positives = [s for s in stats if "top1_n" in s]
+    out: dict[str, Any] = {
+        "n_slides": len(stats),
+        "share_high": (float(np.mean([s["n_high"] > 0 for s in stats])) if stats else None),
+        "n_positive_slides": len(positives),
+    }
+    for q, name in ((0.25, "q25"), (0.5, "median"), (0.75, "q75")):
+        out[f"max_weight_{name}"] = float(np.quantile(max_weight, q)) if max_weight.size else None
+    for k in TOP_K:
+        out[f"top{k}_positive"] = _share(positives, f"top{k}_positive", f"top{k}_n")
+    out["high_positive"] = _share(positives, "high_positive", "n_high")
+    return out
+
+
+def _share(stats: list[dict[str, Any]], hits: str, total: str) -> float | None:
+    n = sum(s[total] for s in stats)
+    return sum(s[hits] for s in stats) / n if n else None
+
+
+class AttentionRecorder:
+    """Collects the training slides' attention statistics once per epoch (train.py calls `add`
+    with the attention of its unmasked training-set pass) and writes them as JSON."""
+
+    def __init__(self, slide_ids: Sequence[str], positive: dict[str, np.ndarray]):
+        self.slide_ids = list(slide_ids)
+        self.positive = positive  # slide id -> (N,) bool, positive slides only
+        self.epochs: list[dict[str, Any]] = []
+
+    @classmethod
+    def for_bags(cls, bags: Sequence[Any], samples: pd.DataFrame) -> AttentionRecorder:
+        """Positive patches of each bag from the sample sheet's `annotation` column (if any)."""
+        annotation_of = {}
+        if "annotation" in samples.columns:
+            annotation_of = dict(zip(samples["slide_id"], samples["annotation"].fillna(""),
+                                     strict=True))
+        positive = {}
+        for bag in bags:
+            annotation = annotation_of.get(bag.slide_id, "")
+            if not annotation or "patch_level0" not in bag.attrs:
+                continue
+            flags = positive_patches(bag.coords, float(bag.attrs["patch_level0"]), annotation)
+            if flags.any():  # slides without a positive patch are negatives for the figure
+                positive[bag.slide_id] = flags
+        return cls([bag.slide_id for bag in bags], positive)
+
+    def add(self, epoch: int, attention: Sequence[np.ndarray]) -> None:
+        """Record one epoch; `attention` is in the order of the slide ids."""
+        if len(attention) != len(self.slide_ids):
+            raise ValueError(f"{len(attention)} attention vectors for {len(self.slide_ids)} slides")
+        slides = [slide_attention_stats(a, self.positive.get(sid))
+                  for sid, a in zip(self.slide_ids, attention, strict=True)]
+        self.epochs.append({"epoch": int(epoch), "slides": slides})
+
+    def to_json(self) -> dict[str, Any]:
+        """Column-wise per epoch: one list entry per slide (positive-slide keys for those only)."""
+        epochs = []
+        for record in self.epochs:
+            row: dict[str, Any] = {"epoch": record["epoch"]}
+            for key in ("max_weight", "n_high"):
+                row[key] = [s[key] for s in record["slides"]]
+            pos = [s for s in record["slides"] if "top1_n" in s]
+            for key in [*(f"top{k}_{p}" for k in TOP_K for p in ("positive", "n")),
+                        "high_positive"]:
+                row[key] = [s[key] for s in pos]
+            epochs.append(row)
+        return {"slides": self.slide_ids,
+                "positive_slides": [s for s in self.slide_ids if s in self.positive],
+                "high_attention": HIGH_ATTENTION, "positive_area": POSITIVE_AREA,
+                "epochs": epochs}
+
+
+def epoch_summaries(record: dict[str, Any]) -> pd.DataFrame:
+    """One row per epoch of a recorder's JSON: `epoch` and the `summarise_stats` numbers (NaN
+    where undefined)."""
+    rows = []
+    positive = set(record["positive_slides"])
+    for row in record["epochs"]:
+        stats = [{"max_weight": m, "n_high": h}
+                 for m, h in zip(row["max_weight"], row["n_high"], strict=True)]
+        pos_index = [i for i, sid in enumerate(record["slides"]) if sid in positive]
+        for j, i in enumerate(pos_index):
+            for key in [*(f"top{k}_{p}" for k in TOP_K for p in ("positive", "n")),
+                        "high_positive"]:
+                stats[i][key] = row[key][j]
+        rows.append({"epoch": row["epoch"], **summarise_stats(stats)})
+    # Undefined shares (None) become NaN so that folds average column by column.
+    return pd.DataFrame(rows).astype(float).astype({"epoch": int})
+
+
+
+def attention_logs(models_dir: Path, n_folds: int) -> dict[int, dict[str, Any]]:
+    paths = {k: models_dir / f"fold_{k}.attention.json" for k in range(n_folds)}
+    return {k: read_json(p) for k, p in paths.items() if p.is_file()}
+
+
+def last_summary(record: dict[str, Any]) -> dict[str, Any]:
+    from srmil.mil.attention import epoch_summaries
+
+    table = epoch_summaries(record)
+    if table.empty:
+        return {}
+    last = table.iloc[-1].to_dict()
+    counts = ("epoch", "n_slides", "n_positive_slides")
+    return {k: (int(v) if k in counts else None if np.isnan(v) else float(v))
+            for k, v in last.items()}

@@ -1,0 +1,1 @@
+"""What people look at: plots, attention heatmaps, comparison and study summaries."""

@@ -1,0 +1,1 @@
+"""Whole-slide images: open a slide, find its tissue, tile it at a target µm/px."""

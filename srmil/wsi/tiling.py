@@ -1,0 +1,326 @@
+"""Patch grid at a target µm/px, aligned globally to multiples of the stride, filtered by tissue.
+
+Only coordinates and a read plan are written; patches are read from the slide when features are
+extracted. Global alignment (origin 0,0 for every tissue piece) keeps lattice neighbours at grid
+distance 1, which the spatial graph relies on. The read plan picks the coarsest pyramid level
+that is still at least as fine as the target, so a patch is only ever downsampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from srmil import __version__, store
+from srmil.errors import Allowed, InputError, SettingValueError, check_settings, settings_from_dict
+from srmil.wsi.segment import (
+    polygons_mask,
+    polygons_window,
+    read_geojson_polygons,
+)
+from srmil.wsi.slide import SlideError, SlideInfo, level_for_downsample, open_slide, slide_info
+
+log = logging.getLogger(__name__)
+
+# Tissue fraction is measured on a mask where one patch spans about this many pixels per side.
+MASK_PX_PER_PATCH = 16
+MAX_MASK_SIDE = 8192
+# Tissue fractions are summed this many mask rows of patches at a time.
+SUM_STRIP_ROWS = 256
+
+
+class TileParamsError(InputError):
+    """A tiling setting that cannot be used."""
+
+
+class TileValueError(SettingValueError, TileParamsError):
+    """A tiling setting outside its allowed values."""
+
+
+# The same ranges as workflow/schemas/config.schema.yaml (`srmil tile --params` skips it).
+TILE_ALLOWED = {
+    "target_mpp": Allowed(float, 0, low_open=True),
+    "patch_px": Allowed(int, 16),
+    "stride_px": Allowed(int, 1, none_ok=True),
+    "overlap_px": Allowed(int, 0),
+    "min_tissue_fraction": Allowed(float, 0, 1),
+}
+
+
+@dataclass
+class TileParams:
+    target_mpp: float = 0.5
+    patch_px: int = 224  # patch side at target_mpp
+    stride_px: int | None = None  # default: patch_px - overlap_px
+    overlap_px: int = 0  # only when stride_px is not given
+    min_tissue_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_settings(self, TILE_ALLOWED, "tile", TileValueError)
+        if self.stride_px is not None and self.overlap_px != 0:
+            # Both set: one would be silently ignored.
+            raise TileValueError(
+                "tile", "overlap_px", self.overlap_px, "0 when tile.stride_px is set (set one)"
+            )
+        if self.overlap_px >= self.patch_px:
+            raise TileValueError(
+                "tile", "overlap_px", self.overlap_px,
+                f"smaller than tile.patch_px {self.patch_px}",
+            )
+
+
+def params_from_dict(values: dict[str, Any], source: str = "config.yaml tile") -> TileParams:
+    """TileParams from a dict, refusing unknown keys and values outside their range with a
+    one-line error that names `source`, the setting, the value and what is allowed."""
+    return settings_from_dict(TileParams, values, source, "tiling", TileParamsError)
+
+
+def stride_of(params: TileParams) -> int:
+    """Grid stride in target px: stride_px, else patch_px - overlap_px (checked >= 1)."""
+    if params.stride_px is not None:
+        return int(params.stride_px)
+    return params.patch_px - params.overlap_px
+
+
+def read_plan(info: SlideInfo, params: TileParams) -> dict[str, Any]:
+    """How to read a patch: level, size at that level, and sizes in level-0 px."""
+    scale = params.target_mpp / info.mpp  # level-0 px per target px
+    if scale < 1 - 1e-3:
+        raise SlideError(
+            f"{info.path}: slide resolution {info.mpp:.4g} µm/px is coarser than the "
+            f"target {params.target_mpp} µm/px; raise tile.target_mpp in config.yaml"
+        )
+    stride_px = stride_of(params)
+    level = level_for_downsample(info.level_downsamples, scale)
+    level_ds = info.level_downsamples[level]
+    return {
+        "target_mpp": params.target_mpp,
+        "patch_px": params.patch_px,
+        "stride_px": stride_px,
+        "slide_mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "patch_level0": params.patch_px * scale,
+        "stride_level0": stride_px * scale,
+        "level": level,
+        "level_downsample": level_ds,
+        # >= patch_px: the level is never coarser than the target, so reads only shrink
+        "read_px": max(params.patch_px, round(params.patch_px * scale / level_ds)),
+        "slide_width": info.width,
+        "slide_height": info.height,
+        "min_tissue_fraction": params.min_tissue_fraction,
+        "srmil_version": __version__,
+    }
+
+
+def grid_shape(plan: dict[str, Any]) -> tuple[int, int]:
+    """(columns, rows) of the slide's grid; 0 when not even one patch fits."""
+    stride, size = plan["stride_level0"], plan["patch_level0"]
+    nx = int(np.floor((plan["slide_width"] - size) / stride)) + 1
+    ny = int(np.floor((plan["slide_height"] - size) / stride)) + 1
+    return max(nx, 0), max(ny, 0)
+
+
+def grid_coords(
+    plan: dict[str, Any], boxes: list[tuple[float, float, float, float]] | None = None
+) -> np.ndarray:
+    """Every grid origin (x, y) in level-0 px whose patch lies inside the slide, row-major.
+
+    With `boxes` (x0, y0, x1, y1 in level-0 px), only the origins whose patch overlaps one of
+    them: the same lattice and order, without a coordinate for every cell of a huge slide."""
+    stride, size = plan["stride_level0"], plan["patch_level0"]
+    nx, ny = grid_shape(plan)
+    if nx == 0 or ny == 0:
+        return np.zeros((0, 2), np.int64)
+    if boxes is None:
+        iy, ix = np.divmod(np.arange(nx * ny), nx)  # row-major: y then x
+    else:
+        # One byte per grid cell (cells, not pixels: 1.7 MB for a 250 x 200 mm slide).
+        cells = np.zeros((ny, nx), bool)
+        for x0, y0, x1, y1 in boxes:
+            # Conservative cell ranges (one extra each side): the exact test is left to the
+            # tissue fraction, which is 0 for a patch outside every box.
+            cx0, cy0 = (max(0, int(np.floor((v - size) / stride))) for v in (x0, y0))
+            cx1, cy1 = (max(0, int(np.ceil(v / stride)) + 1) for v in (x1, y1))
+            cells[cy0:cy1, cx0:cx1] = True
+        iy, ix = np.nonzero(cells)
+    coords = np.stack([np.rint(ix * stride), np.rint(iy * stride)], 1).astype(np.int64)
+    # Rounding a fractional stride may push the last patch past the edge by a pixel.
+    inside = (coords[:, 0] + size <= plan["slide_width"] + 1e-6) & (
+        coords[:, 1] + size <= plan["slide_height"] + 1e-6
+    )
+    return coords[inside]
+
+
+def mask_downsample(plan: dict[str, Any]) -> float:
+    """Level-0 px per px of the mask tissue fractions are measured on."""
+    w, h = plan["slide_width"], plan["slide_height"]
+    return max(plan["patch_level0"] / MASK_PX_PER_PATCH, max(w, h) / MAX_MASK_SIDE, 1.0)
+
+
+def tissue_boxes(
+    polygons: list[dict[str, Any]], margin: float
+) -> list[tuple[float, float, float, float]]:
+    """Bounding box (x0, y0, x1, y1) of each polygon in level-0 px, grown by `margin`."""
+    boxes = []
+    for poly in polygons:
+        if poly["coordinates"] and len(poly["coordinates"][0]):
+            xy = np.asarray(poly["coordinates"][0], np.float64).reshape(-1, 2)
+            (x0, y0), (x1, y1) = xy.min(0) - margin, xy.max(0) + margin
+            boxes.append((float(x0), float(y0), float(x1), float(y1)))
+    return boxes
+
+
+def tissue_fractions(
+    coords: np.ndarray, plan: dict[str, Any], polygons: list[dict[str, Any]]
+) -> np.ndarray:
+    """Fraction of each patch covered by tissue polygons, from summed-area tables.
+
+    The mask is made only over the polygons' bounding box (it is 0 elsewhere), and summed in
+    strips of SUM_STRIP_ROWS rows, so memory stays near that of the mask itself."""
+    if len(coords) == 0 or not polygons:
+        return np.zeros(len(coords))
+    w, h = plan["slide_width"], plan["slide_height"]
+    ds = mask_downsample(plan)
+    shape = (int(np.ceil(h / ds)), int(np.ceil(w / ds)))
+    window = polygons_window(polygons, shape, ds)
+    mask = polygons_mask(polygons, shape, ds, window)
+
+    def px(v: np.ndarray, limit: int) -> np.ndarray:
+        return np.clip(np.rint(v / ds).astype(np.int64), 0, limit)
+
+    x0, y0 = px(coords[:, 0], shape[1]), px(coords[:, 1], shape[0])
+    x1 = px(coords[:, 0] + plan["patch_level0"], shape[1])
+    y1 = px(coords[:, 1] + plan["patch_level0"], shape[0])
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    # Boxes in window px: the mask outside the window is 0, so clipping loses nothing.
+    wy0, wy1, wx0, wx1 = window
+    boxes = [np.clip(x0 - wx0, 0, wx1 - wx0), np.clip(y0 - wy0, 0, wy1 - wy0),
+             np.clip(x1 - wx0, 0, wx1 - wx0), np.clip(y1 - wy0, 0, wy1 - wy0)]
+    return box_sums(mask, *boxes) / area
+
+
+def box_sums(
+    mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray
+) -> np.ndarray:
+    """Sum of a uint8 mask over each box [y0, y1) x [x0, x1), with a summed-area table per
+    strip of boxes (sorted by y0) instead of one int32 table the size of the mask."""
+    sums = np.zeros(len(x0), np.int64)
+    order = np.argsort(y0, kind="stable")
+    starts = y0[order]
+    for top in range(0, mask.shape[0], SUM_STRIP_ROWS):
+        lo, hi = np.searchsorted(starts, [top, top + SUM_STRIP_ROWS])
+        if lo == hi:
+            continue
+        idx = order[lo:hi]
+        bottom = int(y1[idx].max())
+        strip = mask[top:bottom]
+        sat = np.zeros((strip.shape[0] + 1, strip.shape[1] + 1), np.int32)
+        np.cumsum(strip, 0, dtype=np.int32, out=sat[1:, 1:])
+        np.cumsum(sat[1:, 1:], 1, out=sat[1:, 1:])
+        a, b, c, d = x0[idx], y0[idx] - top, x1[idx], y1[idx] - top
+        sums[idx] = sat[d, c] - sat[b, c] - sat[d, a] + sat[b, a]
+    return sums
+
+
+def draw_tile_grid(
+    qc_rgb: np.ndarray, qc_downsample: float, coords: np.ndarray, patch_level0: float
+) -> np.ndarray:
+    """The QC image with each kept patch outlined in yellow, blended so the outlines under it
+    (tissue, holes, annotation) stay visible; patches under 4 QC px are tinted instead."""
+    import cv2
+
+    layer = np.zeros(qc_rgb.shape[:2], np.uint8)
+    size = patch_level0 / qc_downsample
+    for x, y in np.asarray(coords, np.float64) / qc_downsample:
+        p0 = (round(x * 16), round(y * 16))
+        p1 = (round((x + size) * 16) - 16, round((y + size) * 16) - 16)
+        cv2.rectangle(layer, p0, p1, 1, -1 if size < 4 else 1, cv2.LINE_8, 4)
+    out = qc_rgb.copy()
+    drawn = layer > 0
+    alpha = 0.3 if size < 4 else 0.6
+    tint = np.array([255, 210, 0], np.float32)
+    out[drawn] = np.rint((1 - alpha) * out[drawn] + alpha * tint).astype(np.uint8)
+    return out
+
+
+def skip_reason(plan: dict[str, Any], n_grid: int, polygons: list[dict[str, Any]]) -> str:
+    """Why a slide has no patches, in words (recorded in its tile set as `skipped`)."""
+    if n_grid == 0:
+        return (
+            f"slide of {plan['slide_width']} x {plan['slide_height']} px is smaller than one "
+            f"patch ({plan['patch_level0']:.0f} level-0 px)"
+        )
+    if not polygons:
+        return "no tissue found"
+    return f"no patch reaches tile.min_tissue_fraction {plan['min_tissue_fraction']:g}"
+
+
+def tile_slide(
+    slide_path: str | os.PathLike,
+    tissue_geojson: str | os.PathLike,
+    out_path: str | os.PathLike,
+    params: TileParams | None = None,
+    mpp_override: float | None = None,
+    mpp_fallback: float | None = None,
+    out_qc_png: str | os.PathLike | None = None,
+    seg_qc_png: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Write the kept patch origins (level-0 px), their tissue fraction and the read plan.
+
+    With `out_qc_png`, also a QC image: the segmentation QC image `seg_qc_png` (thumbnail,
+    tissue, holes, annotation) with the kept tile grid drawn on it.
+    """
+    params = params or TileParams()
+    with open_slide(slide_path) as slide:
+        info = slide_info(slide, slide_path, mpp_override, mpp_fallback)
+    plan = read_plan(info, params)
+    polygons = read_geojson_polygons(tissue_geojson)
+    if params.min_tissue_fraction > 0:
+        # Only cells near tissue can pass. The mask is 0 beyond 2 px around the polygons'
+        # boxes, and a patch's box in mask px may reach half a px further: 4 px to spare.
+        coords = grid_coords(plan, tissue_boxes(polygons, 4 * mask_downsample(plan) + 1))
+    else:  # every cell passes
+        coords = grid_coords(plan)
+    fraction = tissue_fractions(coords, plan, polygons)
+    keep = fraction >= params.min_tissue_fraction
+    n_grid = int(np.prod(grid_shape(plan)))
+    skipped = skip_reason(plan, n_grid, polygons) if not keep.any() else None
+    coords, fraction = coords[keep], fraction[keep]
+    if skipped:
+        # Not an error: the slide stays in the cohort as an empty bag, which training skips
+        # and evaluation lists under `skipped` in metrics.json.
+        log.warning("%s: %s; the slide is skipped (empty bag)", slide_path, skipped)
+    plan["params"] = asdict(params)
+    plan["n_tiles"] = int(len(coords))
+    plan["skipped"] = skipped
+    store.write_tiles(out_path, coords, fraction, plan)
+    if out_qc_png is not None:
+        _write_qc(slide_path, tissue_geojson, polygons, seg_qc_png, out_qc_png, coords, plan)
+    return plan
+
+
+def _write_qc(
+    slide_path: str | os.PathLike,
+    tissue_geojson: str | os.PathLike,
+    polygons: list[dict[str, Any]],
+    seg_qc_png: str | os.PathLike | None,
+    out_qc_png: str | os.PathLike,
+    coords: np.ndarray,
+    plan: dict[str, Any],
+) -> None:
+    from srmil.wsi.segment import draw_overlay, qc_scale, read_png, thumbnail, write_png
+
+    if seg_qc_png is not None:
+        qc = read_png(seg_qc_png)
+        downsample = plan["slide_width"] / qc.shape[1]
+    else:  # no segmentation QC image: draw one on a fresh thumbnail
+        summary = store.read_json(tissue_geojson).get("properties", {})
+        with open_slide(slide_path) as slide:
+            view = thumbnail(slide, float(summary.get("seg_downsample", 32.0)))
+        qc, downsample = qc_scale(view, plan["slide_width"] / view.shape[1])
+        qc = draw_overlay(qc, downsample, polygons)
+    write_png(out_qc_png, draw_tile_grid(qc, downsample, coords, plan["patch_level0"]))
