@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 
 from srmil import demo
-from srmil.wsi.segment import SegmentParams, polygons_mask, read_geojson_polygons
+from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
+from srmil.wsi.segment import SegmentParams
 
 HERE = Path(__file__).resolve().parent
 MASK_DS = demo.MASK_DOWNSAMPLE

@@ -16,16 +16,15 @@ from srmil import demo, store
 from srmil.cli import main as cli_main
 from srmil.cohort.samples import SampleSheetError, read_sample_sheet, segment_overrides
 from srmil.graph import build_graph
+from srmil.wsi.geometry import polygons_mask, polygons_window, read_geojson_polygons
 from srmil.wsi.segment import (
     SegmentParams,
     SegmentParamsError,
     params_from_dict,
-    polygons_mask,
-    read_geojson_polygons,
     segment_slide,
     view_downsample,
 )
-from srmil.wsi.slide import SlideError
+from srmil.wsi.slide import SlideError, thumbnail
 from srmil.wsi.tiling import (
     TileParams,
     TileParamsError,
@@ -290,11 +289,11 @@ def test_strips_and_windows_change_nothing(
     tissue fractions summed in strips equal the whole-array results bit for bit."""
     import openslide
 
-    from srmil import segment, tiling
+    from srmil.wsi import segment, tiling
 
     for path in (cohort.iloc[0].path, special_dir / "slides/pen.tif"):
         with openslide.OpenSlide(str(path)) as slide:
-            rgb = segment.thumbnail(slide, 4.0)
+            rgb = thumbnail(slide, 4.0)
         params = SegmentParams()
         whole = segment.view_channels(rgb, 2.0, params)
         monkeypatch.setattr(segment, "STRIP_ROWS", 37)
@@ -312,7 +311,7 @@ def test_strips_and_windows_change_nothing(
         ring = (centre + radii * np.c_[np.cos(angles), np.sin(angles)]).round(1).tolist()
         polygon = {"coordinates": [ring + ring[:1]]}
         full = polygons_mask([polygon], shape, 8.0)
-        window = segment.polygons_window([polygon], shape, 8.0)
+        window = polygons_window([polygon], shape, 8.0)
         y0, y1, x0, x1 = window
         part = polygons_mask([polygon], shape, 8.0, window)
         assert np.array_equal(full[y0:y1, x0:x1], part)

@@ -79,7 +79,7 @@ def _patch_fraction(origin: np.ndarray, patch_level0: float,
                     rings: list[list[np.ndarray]]) -> float:
     """Annotated share of one patch, rasterised at FINE_PX per side with the polygons shifted
     to the patch's origin (only those whose bounding box reaches the patch)."""
-    from srmil.wsi.segment import polygons_mask
+    from srmil.wsi.geometry import polygons_mask
 
     lo, hi = origin.astype(np.float64), origin + float(patch_level0)
     near = [{"coordinates": [r - lo for r in poly]} for poly in rings
@@ -93,7 +93,7 @@ def positive_patches(coords_level0: np.ndarray, patch_level0: float,
                      annotation: str | os.PathLike,
                      min_fraction: float = POSITIVE_AREA) -> np.ndarray:
     """Boolean (N,): patches whose annotated share exceeds `min_fraction`."""
-    from srmil.wsi.segment import read_geojson_polygons
+    from srmil.wsi.geometry import read_geojson_polygons
 
     path = Path(annotation)
     if not path.is_file():
