@@ -3,7 +3,7 @@ import sys
 
 from snakemake.utils import min_version
 
-from srmil.settings import ConfigError, validate_config
+from srmil.settings import ConfigError, load_settings
 
 min_version("9.0")
 
@@ -11,8 +11,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# Typed settings with their defaults (srmil/settings.py, which also generates the JSON schema
+# workflow/schemas/config.schema.yaml); rules read SETTINGS, never `config` directly.
 try:
-    validate_config(config, workflow.source_path("workflow/schemas/config.schema.yaml"))
+    SETTINGS = load_settings(config)
 except ConfigError as err:
     sys.exit(f"srmil: error: {err}")  # one line naming the key, not a traceback
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from srmil import store
 from srmil.cohort.samples import read_sample_sheet
 from srmil.demo import write_demo
 from srmil.device import retain_freed_memory
@@ -45,7 +44,7 @@ from srmil.features.extract import (
     split_chunks,
 )
 from srmil.wsi.segment import segment_slide
-from srmil.wsi.tiling import tile_slide
+from srmil.wsi.tiling import read_tiles, tile_slide, write_tiles
 
 
 def prepare_slides(
@@ -69,9 +68,9 @@ def prepare_slides(
         geojson, tiles = work / f"{row.slide_id}.geojson", work / f"{row.slide_id}.json"
         segment_slide(row.path, geojson, work / f"{row.slide_id}.png")
         tile_slide(row.path, geojson, tiles)
-        coords, fraction, plan = store.read_tiles(tiles)
+        coords, fraction, plan = read_tiles(tiles)
         if max_patches and len(coords) > max_patches:
-            store.write_tiles(tiles, coords[:max_patches], fraction[:max_patches], plan)
+            write_tiles(tiles, coords[:max_patches], fraction[:max_patches], plan)
             coords = coords[:max_patches]
         out.append((row.path, tiles, len(coords)))
     return out
@@ -127,7 +126,7 @@ def reading_only(slides, batch_size: int, workers: int, block: int, device: torc
     """Patches/s of the readers alone (no model): the ceiling the pipeline can reach."""
     total, start = 0, time.perf_counter()
     for slide, tiles, _ in slides:
-        coords, _, plan = store.read_tiles(tiles)
+        coords, _, plan = read_tiles(tiles)
         chunks = split_chunks(plan_batches(coords, plan, batch_size, block))
         data = ChunkDataset(slide, coords, plan, chunks, block=block)
         for x, _ in iterate_chunks(data, workers, pin_memory=device.type == "cuda"):

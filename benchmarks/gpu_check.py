@@ -50,6 +50,7 @@ from srmil.features.extract import (  # noqa: E402
     resolve_workers,
     split_chunks,
 )
+from srmil.wsi.tiling import read_tiles, write_tiles  # noqa: E402
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,7 +129,7 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
 
     def pinned() -> dict[str, Any]:
         slide, tiles, _ = slides[0]
-        coords, _, plan = store.read_tiles(tiles)
+        coords, _, plan = read_tiles(tiles)
         chunks = split_chunks(plan_batches(coords[:64], plan, 32, 1))
         data = ChunkDataset(slide, coords[:64], plan, chunks)
         out = {"workers": {}, "thread": {}}
@@ -148,9 +149,9 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
 
     def agreement() -> dict[str, Any]:
         slide, tiles, _ = slides[0]
-        coords, fraction, plan = store.read_tiles(tiles)
+        coords, fraction, plan = read_tiles(tiles)
         small = work / "small.json"
-        store.write_tiles(small, coords[:64], fraction[:64], plan)
+        write_tiles(small, coords[:64], fraction[:64], plan)
         runs = {"cpu_fp32": ("cpu", "none"), "bf16": (args.device, "bf16")}
         runs["fp16"] = (args.device, "fp16")
         feats, out = {}, {}
@@ -254,9 +255,9 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
     def features_readers() -> dict[str, Any]:
         """extract_features on the device with each reader: cosine per patch."""
         slide, tiles, _ = slides[0]
-        coords, fraction, plan = store.read_tiles(tiles)
+        coords, fraction, plan = read_tiles(tiles)
         small = work / "readers.json"
-        store.write_tiles(small, coords[:128], fraction[:128], plan)
+        write_tiles(small, coords[:128], fraction[:128], plan)
         feats, out = {}, {}
         for reader in ("openslide", "auto"):
             extract_features(
@@ -315,7 +316,7 @@ def reading_only_gpu(slides, batch_size: int, device: torch.device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     for slide, tiles, _ in slides:
-        coords, _, plan = store.read_tiles(tiles)
+        coords, _, plan = read_tiles(tiles)
         choice = choose_reader(slide, open_slide(slide), coords, plan, "jpeg-tiles")
         choice = dataclasses.replace(choice, dct_scale=1)  # the device decodes full tiles
         chunks = split_chunks(plan_batches(coords, plan, batch_size, 1))
@@ -333,7 +334,7 @@ def scan_readers(slides, device: torch.device, counts: list[int]) -> dict[str, A
     for workers in counts:
         first, steady_n, steady_s, total_s = [], 0, 0.0, 0.0
         for slide, tiles, _ in slides:
-            coords, _, plan = store.read_tiles(tiles)
+            coords, _, plan = read_tiles(tiles)
             data = ChunkDataset(
                 slide, coords, plan, split_chunks(plan_batches(coords, plan, 256, 1))
             )

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 
 from srmil.mil.catalog import MODEL_NAMES  # noqa: E402 (torch-free)
+from srmil.settings import train_settings  # noqa: E402
 
 GiB = 2**30
 
@@ -53,7 +54,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from srmil.graph import grid_edges
     from srmil.mil.models import build_model
     from srmil.mil.optim import build_optimizer
-    from srmil.mil.train import make_train_config, resolve_device
+    from srmil.mil.train import resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -63,7 +64,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     x = torch.randn(len(cells), args.dim, generator=torch.Generator().manual_seed(1)).to(device)
     hparams = model_hparams(args, args.model)
     model = build_model(args.model, args.dim, 2, hparams).to(device)
-    config = make_train_config(args.model)
+    config = train_settings(args.model)
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                 config.betas)
     if device.type == "cuda":

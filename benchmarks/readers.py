@@ -51,7 +51,6 @@ _spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "f
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-from srmil import store  # noqa: E402
 from srmil.cohort.samples import read_sample_sheet  # noqa: E402
 from srmil.demo import write_demo  # noqa: E402
 from srmil.device import retain_freed_memory  # noqa: E402
@@ -64,16 +63,17 @@ from srmil.features.extract import (  # noqa: E402
     split_chunks,
 )
 from srmil.features.readers import choose_reader  # noqa: E402
+from srmil.settings import TileSettings  # noqa: E402
 from srmil.wsi.segment import segment_slide  # noqa: E402
 from srmil.wsi.slide import open_slide  # noqa: E402
-from srmil.wsi.tiling import TileParams, tile_slide  # noqa: E402
+from srmil.wsi.tiling import read_tiles, tile_slide  # noqa: E402
 
 
 def tissue_tiles(slide: str, tiles_json: Path) -> tuple[list[bytes], Any]:
     """The JPEG streams of the level-0 tiles the tile set touches, and the level."""
-    coords, _, plan = store.read_tiles(tiles_json)
+    coords, _, plan = read_tiles(tiles_json)
     level = choose_reader(slide, open_slide(slide), coords, plan).level
-    size = int(plan["read_px"])
+    size = int(plan.read_px)
     ids = sorted(
         {
             row * level.across + col
@@ -219,7 +219,7 @@ def other_reader_cpu_s(name: str, slide: str, coords, plan) -> float | None:
         module = importlib.import_module(name)
     except ImportError:
         return None
-    level, read_px, patch_px = int(plan["level"]), int(plan["read_px"]), int(plan["patch_px"])
+    level, read_px, patch_px = int(plan.level), int(plan.read_px), int(plan.patch_px)
     if name == "fastslide":
         handle = module.FastSlide.from_file_path(slide, cache=96 << 20)
         ds = handle.level_downsamples[level]
@@ -242,7 +242,7 @@ def other_reader_cpu_s(name: str, slide: str, coords, plan) -> float | None:
 
 
 def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> dict[str, Any]:
-    coords, _, plan = store.read_tiles(tiles_json)
+    coords, _, plan = read_tiles(tiles_json)
     choice = choose_reader(slide, open_slide(slide), coords, plan)
     chunks = split_chunks(plan_batches(coords, plan, 64, 1), THREAD_CHUNK)
     read_cpu_s(slide, coords, plan, chunks, choice)  # page cache, allocator
@@ -263,8 +263,8 @@ def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> di
         "case": case,
         "slide": Path(slide).name,
         "patches": len(coords),
-        "read_px": plan["read_px"],
-        "patch_px": plan["patch_px"],
+        "read_px": plan.read_px,
+        "patch_px": plan.patch_px,
         "dct_scale": choice.dct_scale,
         "openslide_per_cpu_s": statistics.median(rates["openslide"]),
         "tiles_per_cpu_s": statistics.median(rates["jpeg-tiles"]),
@@ -273,7 +273,7 @@ def compare_readers(case: str, slide: str, tiles_json: Path, repeats: int) -> di
         "others_per_cpu_s": {k: statistics.median(v) for k, v in others.items() if v},
     }
     print(
-        f"{case}: {len(coords)} patches, read {plan['read_px']} -> {plan['patch_px']} px, "
+        f"{case}: {len(coords)} patches, read {plan.read_px} -> {plan.patch_px} px, "
         f"DCT 1/{choice.dct_scale}: OpenSlide {row['openslide_per_cpu_s']:.0f}, tile reader "
         f"{row['tiles_per_cpu_s']:.0f} patches/CPU-s, ratio {row['ratio_median']:.2f} "
         f"({', '.join(f'{x:.2f}' for x in ratios)})"
@@ -296,7 +296,7 @@ def pipeline_overhead(tile_sets, work: Path, repeats: int, models: list[str]) ->
     32): forward / (forward + overhead) is the pipeline ratio's ceiling, measured in CPU time
     (load from other processes changes it less than wall-clock ratios)."""
     free = Backbone(MeanColour(), BackboneSpec("mean-colour"), 3, RESNET_CONFIG, "none")
-    patches = sum(len(store.read_tiles(t)[0]) for _, t in tile_sets)
+    patches = sum(len(read_tiles(t)[0]) for _, t in tile_sets)
     ms: dict[str, list[float]] = {"openslide": [], "auto": []}
     # One torch thread: around a free backbone OpenMP's spin-waits between the small ops would
     # be most of the CPU time; beside a real forward pass they are a small part of its own.
@@ -358,7 +358,7 @@ def prepare(work: Path, name: str, mpp: float, width: int, height: int, target: 
         stem = work / f"{name}_{row.slide_id}"
         geojson, tiles = stem.with_suffix(".geojson"), stem.with_suffix(".json")
         segment_slide(row.path, geojson, stem.with_suffix(".png"))
-        tile_slide(row.path, geojson, tiles, params=TileParams(target_mpp=target))
+        tile_slide(row.path, geojson, tiles, params=TileSettings(target_mpp=target))
         out[Path(row.path).suffix] = (row.path, tiles)
     return out
 

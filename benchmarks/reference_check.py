@@ -57,7 +57,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 from srmil.graph import grid_edges  # noqa: E402
 from srmil.mil.models import build_model  # noqa: E402
 from srmil.mil.optim import build_optimizer  # noqa: E402
-from srmil.mil.train import make_train_config  # noqa: E402
+from srmil.settings import train_settings  # noqa: E402
 
 REPOS = {
     "CLAM": "mahmoodlab+CLAM",
@@ -183,7 +183,7 @@ def ours_step(model: nn.Module, optimizer: torch.optim.Optimizer, bag: Bag) -> f
 
 
 def ours_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    config = make_train_config(name)
+    config = train_settings(name)
     return build_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.betas)
 
 

@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 
 from srmil import demo
+from srmil.settings import SegmentSettings
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
-from srmil.wsi.segment import SegmentParams
 
 HERE = Path(__file__).resolve().parent
 MASK_DS = demo.MASK_DOWNSAMPLE
@@ -188,7 +188,7 @@ def rasterise(polygons: list[dict], shape: tuple[int, int]) -> np.ndarray:
 
 def holes_kept(truth: np.ndarray, found: np.ndarray, mpp: float) -> tuple[int, int]:
     """(kept, all) real holes of at least twice min_hole_area_um2."""
-    min_cells = 2 * SegmentParams().min_hole_area_um2 / (MASK_DS * mpp) ** 2
+    min_cells = 2 * SegmentSettings().min_hole_area_um2 / (MASK_DS * mpp) ** 2
     contours, hierarchy = cv2.findContours(
         truth.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE
     )

@@ -98,7 +98,7 @@ def measure_one(width_mm: float, height_mm: float, mpp: float) -> dict:
         "view_px": f"{round(width / summary['seg_downsample'])}x"
         f"{round(height / summary['seg_downsample'])}",
         "n_pieces": summary["n_pieces"],
-        "n_tiles": plan["n_tiles"],
+        "n_tiles": plan.n_tiles,
         "rss_import_mib": round(after_import),
         "rss_segment_mib": round(after_segment),
         "rss_tile_mib": round(peak_mib()),

@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from srmil.mil.catalog import MODEL_NAMES
-
 
 def _json_arg(text: str) -> dict[str, Any]:
     try:
@@ -35,24 +33,31 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from srmil.demo import write_demo
+    from srmil.settings import DemoSettings, section_from_dict
 
+    demo = section_from_dict(DemoSettings, {
+        "out_dir": str(args.out), "n_slides": args.n_slides, "width_px": args.width,
+        "height_px": args.height, "mpp": args.mpp, "prefix": args.prefix,
+        "tumour_fraction": args.tumour_fraction, "tumour_contrast": args.tumour_contrast,
+    }, "srmil demo")
     sheet = write_demo(
-        args.out,
-        n_slides=args.n_slides,
+        Path(demo.out_dir),
+        n_slides=demo.n_slides,
         seed=args.seed,
-        width_px=args.width,
-        height_px=args.height,
-        mpp=args.mpp,
-        prefix=args.prefix,
-        tumour_fraction=tuple(args.tumour_fraction),
-        tumour_contrast=args.tumour_contrast,
+        width_px=demo.width_px,
+        height_px=demo.height_px,
+        mpp=demo.mpp,
+        prefix=demo.prefix,
+        tumour_fraction=demo.tumour_fraction,
+        tumour_contrast=demo.tumour_contrast,
     )
     print(sheet)
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from srmil.errors import InputError
-    from srmil.wsi.segment import params_from_dict, segment_slide
+    from srmil.settings import SegmentSettings, section_from_dict
+    from srmil.wsi.segment import segment_slide
 
     if args.annotation and not Path(args.annotation).is_file():
         raise InputError(
@@ -63,7 +68,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         args.slide,
         args.out,
         args.qc,
-        params_from_dict(args.params, "--params of srmil segment"),
+        section_from_dict(SegmentSettings, args.params, "--params of srmil segment"),
         annotation=args.annotation or None,
         mpp_override=args.mpp,
         mpp_fallback=args.mpp_fallback,
@@ -79,14 +84,15 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 def cmd_tile(args: argparse.Namespace) -> None:
     from srmil.cohort.exclusion import check_upstream
-    from srmil.wsi.tiling import params_from_dict, tile_slide
+    from srmil.settings import TileSettings, section_from_dict
+    from srmil.wsi.tiling import tile_slide
 
     check_upstream(args.tissue)
     plan = tile_slide(
         args.slide,
         args.tissue,
         args.out,
-        params_from_dict(args.params, "--params of srmil tile"),
+        section_from_dict(TileSettings, args.params, "--params of srmil tile"),
         mpp_override=args.mpp,
         mpp_fallback=args.mpp_fallback,
         out_qc_png=args.qc or None,
@@ -94,10 +100,10 @@ def cmd_tile(args: argparse.Namespace) -> None:
     )
     logging.info(
         "tile: %d patches of %d px at %.3g µm/px (level %d)",
-        plan["n_tiles"],
-        plan["patch_px"],
-        plan["target_mpp"],
-        plan["level"],
+        plan.n_tiles,
+        plan.patch_px,
+        plan.target_mpp,
+        plan.level,
     )
 
 
@@ -111,7 +117,12 @@ def cmd_features(args: argparse.Namespace) -> None:
     retain_freed_memory()  # this process extracts one slide, then exits
     from srmil.features.backbones import load_backbone
     from srmil.features.extract import extract_features
+    from srmil.settings import FeatureSettings, section_from_dict
 
+    keys = ("batch_size", "num_workers", "device", "amp", "dtype", "read_block", "reader")
+    settings = section_from_dict(
+        FeatureSettings, {k: getattr(args, k) for k in keys}, "srmil features"
+    )
     backbone = load_backbone(args.backbone, seed=args.seed)
     extract_features(
         args.slide,
@@ -119,14 +130,8 @@ def cmd_features(args: argparse.Namespace) -> None:
         args.out,
         backbone,
         extractor=args.extractor,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        amp=args.amp,
-        dtype=args.dtype,
-        read_block=args.read_block,
         progress=not args.no_progress,
-        reader=args.reader,
+        **settings.model_dump(include=set(keys)),
     )
 
 
@@ -239,41 +244,43 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    _set_threads(args.threads)
-    from srmil import predict
+    if not args.features_dir:  # new slide files: the workflow's predict target runs them
+        from srmil.workflow import run_predict
 
-    heatmaps = dict(top_patches=args.top_patches, heatmap_px=args.heatmap_px)
-    if args.features_dir:  # stores made by the workflow's stages
-        from srmil.cohort.samples import read_sample_sheet
-
-        heatmap_dir = None if args.no_heatmaps else args.tiles_dir or None
-        table = predict.predict_slides(
-            # the slide files are read only to draw heatmaps
-            read_sample_sheet(args.samples, check_files=bool(heatmap_dir), require_labels=False),
-            args.models_dir,
-            args.features_dir,
-            args.graphs_dir,
-            args.out_dir,
-            extractor=args.extractor,
-            device=args.device,
-            threads=args.threads,
-            tiles_dir=heatmap_dir,
-            exclude_failed=args.exclude_failed,
-            **heatmaps,
-        )
-    else:
-        table = predict.run_predict(
+        table = run_predict(
             args.samples,
             args.models_dir,
             args.out_dir,
-            settings=_read_config(args.config),
+            config=_read_config(args.config),
             extractor=args.extractor,
-            device=args.device,
-            threads=args.threads,
+            cores=args.cores,
             heatmaps=not args.no_heatmaps,
-            seed=args.seed,
-            **heatmaps,
+            device=None if args.device == "auto" else args.device,
+            threads=args.threads,
         )
+        logging.info("predict: %d slides", len(table))
+        return
+    _set_threads(args.threads)
+    from srmil.cohort.samples import read_sample_sheet
+    from srmil.mil.predict import predict_slides
+
+    heatmap_dir = None if args.no_heatmaps else args.tiles_dir or None
+    table = predict_slides(
+        # the slide files are read only to draw heatmaps
+        read_sample_sheet(args.samples, check_files=bool(heatmap_dir), require_labels=False),
+        args.models_dir,
+        args.features_dir,
+        args.graphs_dir,
+        args.out_dir,
+        extractor=args.extractor,
+        device=args.device,
+        threads=args.threads,
+        tiles_dir=heatmap_dir,
+        exclude_failed=args.exclude_failed,
+        top_patches=args.top_patches,
+        heatmap_px=args.heatmap_px,
+    )
+    (Path(args.out_dir) / "heatmaps").mkdir(exist_ok=True)  # empty with --no-heatmaps
     logging.info("predict: %d slides -> %s", len(table), Path(args.out_dir) / "predictions.csv")
 
 
@@ -284,7 +291,7 @@ SLIDE_STAGES = ("segment", "tile", "features", "graph")
 def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
     """What a per-slide stage writes in place of its outputs when it fails on bad input under
     --exclude-failed (srmil.cohort.exclusion)."""
-    from srmil import exclusion
+    from srmil.cohort import exclusion
 
     if args.command == "segment":
         exclusion.write_segment_record(args.out, args.qc, reason)
@@ -326,44 +333,48 @@ def _read_config(path: str | None) -> dict[str, Any]:
         raise InputError(f"{path}: cannot read the config ({err}); pass a readable YAML") from err
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srmil", description=__doc__)
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _setting(
+    p: argparse.ArgumentParser, flag: str, section: type, name: str, **kwargs: Any
+) -> None:
+    """An option for setting `name` of a settings section (srmil.settings): its default and
+    description are the section's, so the command line and config.yaml cannot disagree."""
+    field = section.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    p.add_argument(flag, default=default, help=f"{field.description or name} (default: {default})",
+                   **kwargs)
+
+
+def _parser_demo(sub: Any) -> None:
+    from srmil.settings import DemoSettings as D
 
     p = sub.add_parser("demo", help="generate the synthetic demo cohort")
-    p.add_argument("--out", type=Path, default=Path("resources/demo"))
-    p.add_argument("--n-slides", type=int, default=24)
+    _setting(p, "--out", D, "out_dir", type=Path)
+    _setting(p, "--n-slides", D, "n_slides", type=int)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=4096, help="level-0 width in px")
-    p.add_argument("--height", type=int, default=3072, help="level-0 height in px")
-    p.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px")
-    p.add_argument("--prefix", default="demo", help="slide ids are PREFIX_000, PREFIX_001, ...")
-    p.add_argument("--tumour-fraction", type=float, nargs=2, default=[0.02, 0.05],
-                   metavar=("LOW", "HIGH"),
-                   help="range of each positive slide's tumour share of its tissue")
-    p.add_argument("--tumour-contrast", type=float, default=1.0,
-                   help="1 = conspicuous tumour (default), towards 0 = barely distinguishable")
+    _setting(p, "--width", D, "width_px", type=int)
+    _setting(p, "--height", D, "height_px", type=int)
+    _setting(p, "--mpp", D, "mpp", type=float)
+    _setting(p, "--prefix", D, "prefix")
+    _setting(p, "--tumour-fraction", D, "tumour_fraction", type=float, nargs=2,
+             metavar=("LOW", "HIGH"))
+    _setting(p, "--tumour-contrast", D, "tumour_contrast", type=float)
     p.set_defaults(func=cmd_demo)
 
-    def slide_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--slide", required=True, help="slide file")
-        p.add_argument(
-            "--mpp",
-            type=_optional_float,
-            default=None,
-            help="level-0 µm/px from the sample sheet (overrides the file)",
-        )
-        p.add_argument(
-            "--mpp-fallback",
-            type=_optional_float,
-            default=None,
-            help="µm/px for slides whose file has none",
-        )
-        p.add_argument("--params", type=_json_arg, default={}, help="stage parameters as JSON")
 
+def _slide_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slide", required=True, help="slide file")
+    p.add_argument("--mpp", type=_optional_float, default=None,
+                   help="level-0 µm/px from the sample sheet (overrides the file)")
+    p.add_argument("--mpp-fallback", type=_optional_float, default=None,
+                   help="µm/px for slides whose file has none")
+    p.add_argument("--params", type=_json_arg, default={},
+                   help="the stage's settings as JSON (config.yaml's section; defaults for the "
+                   "rest)")
+
+
+def _parser_segment_tile(sub: Any) -> None:
     p = sub.add_parser("segment", help="tissue polygons (GeoJSON) and a QC overlay")
-    slide_args(p)
+    _slide_args(p)
     p.add_argument("--out", required=True, help="GeoJSON output")
     p.add_argument("--qc", required=True, help="QC PNG output")
     p.add_argument("--annotation", default="", help="tumour GeoJSON to draw on the QC image")
@@ -371,41 +382,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("tile", help="patch grid at a target µm/px inside the tissue")
-    slide_args(p)
+    _slide_args(p)
     p.add_argument("--tissue", required=True, help="tissue GeoJSON from `srmil segment`")
     p.add_argument("--out", required=True, help="tiles JSON output")
     p.add_argument("--qc", default="", help="QC PNG output: the kept tile grid on the slide")
-    p.add_argument(
-        "--seg-qc", default="", help="QC PNG of `srmil segment` to draw the grid on (faster)"
-    )
+    p.add_argument("--seg-qc", default="",
+                   help="QC PNG of `srmil segment` to draw the grid on (faster)")
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_tile)
+
+
+def _parser_features_graph(sub: Any) -> None:
+    from srmil.settings import FeatureSettings as F
+    from srmil.settings import GraphSettings
 
     p = sub.add_parser("features", help="backbone features into a Zarr store")
     p.add_argument("--slide", required=True)
     p.add_argument("--tiles", required=True)
     p.add_argument("--out", required=True, help="Zarr store output")
     p.add_argument("--extractor", required=True, help="short extractor name (config key)")
-    p.add_argument(
-        "--backbone",
-        type=_json_arg,
-        required=True,
-        help='backbone spec as JSON, e.g. {"model": "resnet18", "pretrained": false}',
-    )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", default="auto", help="reader processes, or 'auto'")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument(
-        "--read-block", type=int, default=1, help="read k x k neighbouring tiles per call (1: each)"
-    )
-    p.add_argument(
-        "--reader",
-        default="auto",
-        choices=["auto", "openslide", "jpeg-tiles"],
-        help="patch reader: auto = JPEG tiles where the slide allows, else OpenSlide",
-    )
+    p.add_argument("--backbone", type=_json_arg, required=True,
+                   help='backbone spec as JSON, e.g. {"model": "resnet18", "pretrained": false}')
+    _setting(p, "--batch-size", F, "batch_size", type=int)
+    _setting(p, "--num-workers", F, "num_workers")
+    _setting(p, "--device", F, "device")
+    _setting(p, "--amp", F, "amp")
+    _setting(p, "--dtype", F, "dtype")
+    _setting(p, "--read-block", F, "read_block", type=int)
+    _setting(p, "--reader", F, "reader")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -415,38 +419,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("graph", help="spatial graph over the patch grid")
     p.add_argument("--tiles", required=True)
     p.add_argument("--out", required=True, help="Zarr store output")
-    p.add_argument("--window", type=int, default=2)
+    _setting(p, "--window", GraphSettings, "window", type=int)
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_graph)
+
+
+def _bag_args(p: argparse.ArgumentParser) -> None:
+    from srmil.mil.catalog import MODEL_NAMES
+
+    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--splits", required=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--features-dir", required=True)
+    p.add_argument("--graphs-dir", required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    _add_leave_out(p)
+
+
+def _heatmap_args(p: argparse.ArgumentParser) -> None:
+    from srmil.settings import EvaluateSettings as E
+
+    _setting(p, "--top-patches", E, "top_patches", type=int)
+    _setting(p, "--heatmap-px", E, "heatmap_px", type=int)
+
+
+def _parser_training(sub: Any) -> None:
+    from srmil.settings import CVSettings as C
+    from srmil.settings import EvaluateSettings as E
 
     p = sub.add_parser(
         "splits", help="patient-level stratified cross-validation folds, or a fixed split file"
     )
     p.add_argument("--samples", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--n-folds", type=int, default=3)
-    p.add_argument(
-        "--split-file",
-        default="",
-        help="CSV (slide_id or patient_id, part, [fold]) or JSON of fixed folds; "
-        "replaces --n-folds",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    _setting(p, "--n-folds", C, "n_folds", type=int)
+    p.add_argument("--split-file", default="",
+                   help="CSV (slide_id or patient_id, part, [fold]) or JSON of fixed folds; "
+                   "replaces --n-folds")
+    _setting(p, "--val-fraction", C, "val_fraction", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_splits)
 
-    def bag_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, choices=MODEL_NAMES)
-        p.add_argument("--splits", required=True)
-        p.add_argument("--samples", required=True)
-        p.add_argument("--features-dir", required=True)
-        p.add_argument("--graphs-dir", required=True)
-        p.add_argument("--device", default="auto")
-        p.add_argument("--threads", type=int, default=None)
-        _add_leave_out(p)
-
     p = sub.add_parser("train", help="train one fold of a MIL model")
-    bag_args(p)
+    _bag_args(p)
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--out", required=True, help="checkpoint (.pt); .json and .csv beside it")
     p.add_argument("--model-params", type=_json_arg, default={})
@@ -454,31 +470,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    def heatmap_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--top-patches", type=int, default=8, help="patches in a heatmap montage")
-        p.add_argument("--heatmap-px", type=int, default=1024, help="heatmap thumbnail side")
-
     p = sub.add_parser("evaluate", help="metrics, predictions and plots over all folds")
-    bag_args(p)
+    _bag_args(p)
     p.add_argument("--models-dir", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--tiles-dir", default="", help="tile sets; given: attention heatmaps")
-    p.add_argument("--n-bootstrap", type=int, default=1000)
-    p.add_argument("--ci-level", type=float, default=0.95)
+    _setting(p, "--n-bootstrap", E, "n_bootstrap", type=int)
+    _setting(p, "--ci-level", E, "ci_level", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-heatmaps", type=int, default=None, help="default: every test slide")
-    heatmap_args(p)
+    _setting(p, "--max-heatmaps", E, "max_heatmaps", type=int)
+    _heatmap_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+
+def _parser_summaries(sub: Any) -> None:
     p = sub.add_parser("compare", help="side-by-side metrics and attention of several models")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each model")
     p.add_argument("--models-dirs", nargs="*", default=[], help="each model's fold folder")
     p.add_argument("--out-csv", required=True)
     p.add_argument("--out-md", required=True)
     p.add_argument("--out-png", default=None, help="attention diagnostics of all models")
-    p.add_argument(
-        "--out-left-out", default=None, help="HTML table of the slides left out, and why"
-    )
+    p.add_argument("--out-left-out", default=None,
+                   help="HTML table of the slides left out, and why")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablation", help="SRMIL metrics against the mask ratio")
@@ -497,24 +510,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, required=True)
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("predict", help="fold-ensemble predictions and heatmaps for new slides")
+
+def _parser_predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="fold-ensemble predictions and heatmaps for new slides: runs the workflow's "
+        "predict target on the slide files, or predicts from existing stores (--features-dir)",
+    )
     p.add_argument("--samples", required=True, help="sample sheet; labels optional")
     p.add_argument("--models-dir", required=True, help="folder of a model's fold_*.pt")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="the workflow's working folder, or the "
+                   "predictions' folder with --features-dir")
     p.add_argument("--extractor", default=None, help="default: the model's")
-    p.add_argument(
-        "--config", default=None, help="config.yaml for the stage settings (default: defaults)"
-    )
-    p.add_argument("--features-dir", default="", help="existing feature stores: skip the stages")
+    p.add_argument("--config", default=None,
+                   help="a config.yaml for the stages' settings (default: the model's tiling, "
+                   "extractor and graph, the rest config.yaml's defaults)")
+    p.add_argument("--features-dir", default="", help="existing feature stores: no stages run")
     p.add_argument("--graphs-dir", default="")
     p.add_argument("--tiles-dir", default="")
     _add_leave_out(p)
     p.add_argument("--no-heatmaps", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    heatmap_args(p)
+    p.add_argument("--cores", type=int, default=None, help="Snakemake's --cores (default: all)")
+    _heatmap_args(p)
     p.set_defaults(func=cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srmil", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_parser_demo, _parser_segment_tile, _parser_features_graph, _parser_training,
+                _parser_summaries, _parser_predict):
+        add(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from srmil import __version__, store
+from srmil.wsi.tiling import read_tiles
 
 # Reference: radius = w_size * 1.42 in patch widths (slightly above sqrt(2), so diagonals count).
 RADIUS_PER_WINDOW = 1.42
@@ -135,8 +136,8 @@ def grid_edges(coords_level0: np.ndarray, stride_level0: float, window: int = 2,
 
 def build_graph(tiles_path: str | Path, out_path: str | Path, window: int = 2) -> dict[str, Any]:
     """Build the spatial graph of one tile set and write it as a graph store; return its attrs."""
-    coords, _fraction, plan = store.read_tiles(tiles_path)
-    stride = float(plan["stride_level0"])
+    coords, _fraction, plan = read_tiles(tiles_path)
+    stride = float(plan.stride_level0)
     edges = grid_edges(coords, stride, window=window, self_loops=True)
     attrs = {
         "window": int(window),

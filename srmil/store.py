@@ -11,6 +11,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -128,35 +129,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-# --- tile sets: coordinates plus the read plan, small enough for plain JSON -----------------
-
-
-def write_tiles(
-    path: str | os.PathLike,
-    coords_level0: np.ndarray,
-    tissue_fraction: np.ndarray,
-    plan: dict[str, Any],
-) -> None:
-    """Tile origins (N x 2, x/y in level-0 px), their tissue fraction, and how to read them."""
-    coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-    write_json(
-        path,
-        {
-            "plan": plan,
-            "coords_level0": coords_level0.tolist(),
-            "tissue_fraction": np.round(np.asarray(tissue_fraction, dtype=float), 4).tolist(),
-        },
-    )
-
-
-def read_tiles(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Return (coords_level0 N x 2 int64, tissue_fraction N float, plan)."""
-    data = read_json(path)
-    coords = np.asarray(data["coords_level0"], dtype=np.int64).reshape(-1, 2)
-    fraction = np.asarray(data["tissue_fraction"], dtype=np.float64)
-    return coords, fraction, data["plan"]
-
-
 # --- Zarr stores: features and graphs ------------------------------------------------------
 
 
@@ -251,7 +223,22 @@ def read_graph_store(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any
     return np.asarray(group["edge_index"][...], dtype=np.int64), attrs
 
 
-# --- checkpoints: plain state dicts, never unpickled objects --------------------------------
+# --- checkpoints: plain state dicts, never unpickled objects ---------------------------------
+
+FOLD_FILE = re.compile(r"^fold_(\d+)\.pt$")
+
+
+def fold_checkpoints(models_dir: str | os.PathLike) -> list[Path]:
+    """A model's `fold_{k}.pt` files in `models_dir`, in fold order; StoreError when there are
+    none."""
+    paths = sorted((p for p in Path(models_dir).glob("fold_*.pt") if FOLD_FILE.match(p.name)),
+                   key=lambda p: int(FOLD_FILE.match(p.name).group(1)))
+    if not paths:
+        raise StoreError(f"{models_dir}: no fold_*.pt models; train them first or fix "
+                         "predict.model / predict.extractor (or predict.models_dir) in "
+                         "config.yaml")
+    return paths
+
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,13 +1,20 @@
-"""What the workflow computes while Snakemake parses it: no torch, OpenCV or tifffile here, since
-every Snakemake start (and every cluster job's) imports this."""
+"""The workflow seen from Python: what it computes while Snakemake parses (no torch, OpenCV or
+tifffile at import, since every Snakemake start and every cluster job's imports this), and
+`srmil predict`'s run of its predict target."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
+from srmil.errors import InputError
 from srmil.mil.catalog import MODELS
 from srmil.store import read_json
 
@@ -56,3 +63,93 @@ def _array_shape(store: Path, name: str) -> tuple[int, ...] | None:
     if not (store / "zarr.json").is_file() or not meta.is_file():
         return None
     return tuple(int(n) for n in read_json(meta)["shape"])
+
+
+# --- `srmil predict` on new slide files: the workflow's predict target -------------------------
+
+# The workflow that `srmil predict` runs (the package is used from its checkout: pip install -e).
+SNAKEFILE = Path(__file__).resolve().parents[1] / "Snakefile"
+
+
+def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
+                   config: dict[str, Any] | None = None, extractor: str | None = None,
+                   heatmaps: bool = True) -> dict[str, Any]:
+    """The config that runs new slides through the workflow's `predict` target with the fold
+    models of `models_dir`: `config` (config.yaml's sections, optional) with the extractor,
+    tiling and graph the model was trained on wherever `config` leaves them out. A `config`
+    that asks for another backbone (other weights), tiling or graph window is refused here,
+    before any slide is read."""
+    from srmil.features.backbones import load_backbone
+    from srmil.mil.predict import (
+        PredictError,
+        check_extractor,
+        first_model_meta,
+        model_extractor,
+        model_graph,
+    )
+
+    meta = first_model_meta(models_dir)
+    name = check_extractor(meta, extractor, models_dir)
+    trained = model_extractor(meta, models_dir)
+    cfg = json.loads(json.dumps(config or {}))  # a copy
+    cfg.setdefault("seed", meta.get("seed", 0))  # random-initialisation backbones depend on it
+    spec = cfg.setdefault("backbones", {}).setdefault(name, trained["backbone"])
+    cfg["features"] = {**cfg.get("features", {}), "extractors": [name]}
+    tile = cfg.setdefault("tile", {})
+    for key, value in (("target_mpp", trained["mpp"]), ("patch_px", trained["patch_px"])):
+        if float(tile.setdefault(key, value)) != float(value):
+            raise PredictError(f"tile.{key}: {tile[key]} in the config, but the model in "
+                               f"{models_dir} was trained on {value}; leave it out or set it")
+    if "stride_px" not in tile and "overlap_px" not in tile:
+        tile["stride_px"] = trained["stride_px"]
+    window = model_graph(meta).get("window")
+    if window is not None and int(cfg.setdefault("graph", {}).setdefault("window", window)) != int(
+            window):
+        raise PredictError(f"graph.window={cfg['graph']['window']} in the config, but the model "
+                           f"in {models_dir} was trained on graphs with window={window}; set "
+                           f"graph.window: {window} or leave it out")
+    weights = load_backbone(spec, seed=int(cfg["seed"])).weights_hash
+    if weights != trained["weights_hash"]:
+        raise PredictError(
+            f"backbone {spec.get('model')!r} (extractor {name!r}) has weights {weights[:12]}, "
+            f"but the model in {models_dir} was trained on weights "
+            f"{trained['weights_hash'][:12]}; use the backbone the model was trained on")
+    cfg["predict"] = {**cfg.get("predict", {}), "samples": str(Path(samples).resolve()),
+                      "models_dir": str(Path(models_dir).resolve()), "model": meta["model"],
+                      "extractor": name, "heatmaps": heatmaps}
+    return cfg
+
+
+def run_predict(samples: str | os.PathLike, models_dir: str | os.PathLike,
+                out_dir: str | os.PathLike, config: dict[str, Any] | None = None,
+                extractor: str | None = None, cores: int | None = None, heatmaps: bool = True,
+                device: str | None = None, threads: int | None = None) -> Any:
+    """New slides through the workflow's `predict` target (the cohort's own stage rules), run by
+    Snakemake in `out_dir`: results/predict/{model}/{extractor}/predictions.csv and heatmaps/,
+    every stage's output and log beside them, reused by a rerun. Returns the predictions."""
+    import pandas as pd
+
+    from srmil.settings import load_settings
+
+    cfg = predict_config(models_dir, samples, config, extractor, heatmaps)
+    for section in ("features", "train"):
+        if device:
+            cfg.setdefault(section, {})["device"] = device
+        if threads:
+            cfg.setdefault(section, {})["threads"] = threads
+    settings = load_settings(cfg)  # unknown keys and bad values stop here, in one line
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "srmil-predict.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    if not SNAKEFILE.is_file():
+        raise InputError(f"{SNAKEFILE}: the workflow is missing; run srmil from its checkout")
+    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(out),
+               "--cores", str(cores or os.cpu_count() or 1), "--configfile", str(config_path),
+               "predict"]
+    if subprocess.run(command).returncode != 0:
+        raise InputError(f"{out}: the predict workflow failed; the failed job's log under "
+                         f"{out / 'logs'} names the problem")
+    result = out / "results/predict" / settings.predict.model / settings.predict.extractor
+    print(f"srmil predict: {result / 'predictions.csv'}")
+    return pd.read_csv(result / "predictions.csv")

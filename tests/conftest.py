@@ -13,6 +13,7 @@ import yaml
 
 from srmil.cohort.samples import read_sample_sheet
 from srmil.demo import write_demo
+from srmil.wsi.tiling import ReadPlan
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny: 8 small slides, 2 folds, a few epochs. Same workflow and config keys as the demo.
@@ -27,6 +28,15 @@ TINY = {
     "evaluate": {"n_bootstrap": 200, "max_heatmaps": 4},
     "ablation": {"mask_ratios": [0.5, 0.7]},  # 0.7 is the main SRMIL model's: reused
 }
+
+
+def toy_plan(**fields) -> ReadPlan:
+    """A read plan for hand-made tile sets: 224-px patches at level 0 of a 0.5 µm/px slide, with
+    `fields` changed."""
+    base = dict(target_mpp=0.5, patch_px=224, stride_px=224, slide_mpp=0.5, mpp_source="file",
+                patch_level0=224.0, stride_level0=224.0, level=0, level_downsample=1.0,
+                read_px=224, slide_width=4096, slide_height=4096, min_tissue_fraction=0.5)
+    return ReadPlan(**{**base, **fields})
 
 
 def deep_update(base: dict, new: dict) -> dict:

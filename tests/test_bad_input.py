@@ -29,10 +29,10 @@ from srmil.features.extract import resolve_device as features_device
 from srmil.graph import build_graph
 from srmil.mil.bags import load_bag
 from srmil.mil.train import resolve_device as train_device
-from srmil.store import read_store_attrs, read_tiles
+from srmil.store import read_json, read_store_attrs
 from srmil.wsi.segment import segment_slide
 from srmil.wsi.slide import SlideError
-from srmil.wsi.tiling import tile_slide
+from srmil.wsi.tiling import read_tiles, tile_slide
 
 RESNET18 = {"model": "resnet18", "pretrained": False}
 
@@ -180,7 +180,7 @@ def test_damaged_pixel_data_fails_when_features_read_it(
     # The segmentation view comes from an intact coarse level: these stages succeed.
     segment_slide(slide, tmp_path / "d.geojson", tmp_path / "d.png")
     plan = tile_slide(slide, tmp_path / "d.geojson", tmp_path / "d.json")
-    assert plan["n_tiles"] > 0
+    assert plan.n_tiles > 0
     out = tmp_path / "features" / "d.zarr"
     line = cli_error(
         capsys,
@@ -249,7 +249,7 @@ def test_exclusion_records_pass_from_stage_to_stage(
                   "--extractor", "r18", "--backbone", json.dumps(RESNET18)],
                  ["graph", "--tiles", tiles, "--out", tmp_path / "g/cut.zarr"]):
         assert main([str(a) for a in argv] + ["--exclude-failed"]) == 0
-    assert read_tiles(tiles)[2]["excluded"].startswith(reason)
+    assert read_json(tiles)["plan"]["excluded"].startswith(reason)
     assert read_store_attrs(tmp_path / "f/cut.zarr")["excluded"].startswith(reason)
     bag = load_bag(tmp_path / "f", tmp_path / "g", "cut", exclude_failed=True)
     assert len(bag) == 0 and bag.excluded.startswith(reason)
@@ -318,7 +318,7 @@ def test_slide_without_patches_is_a_recorded_skip(
     segment_slide(slide, tmp_path / "s.geojson", tmp_path / "s.png")
     plan = tile_slide(slide, tmp_path / "s.geojson", tmp_path / "s.json")
     coords, _, saved = read_tiles(tmp_path / "s.json")
-    assert len(coords) == 0 and plan["skipped"] == saved["skipped"] == reason
+    assert len(coords) == 0 and plan.skipped == saved.skipped == reason
     if name != "blank":
         return
     # Features and graphs of an empty bag: empty stores that say why, loaded as an empty bag.
@@ -349,7 +349,7 @@ def test_extreme_aspect_ratio_is_tiled(slides: dict[str, Path], tmp_path: Path) 
         seg_qc_png=tmp_path / "l.png",
     )
     coords, _, _ = read_tiles(tmp_path / "l.json")
-    assert summary["n_pieces"] >= 1 and plan["n_tiles"] == len(coords) > 0
+    assert summary["n_pieces"] >= 1 and plan.n_tiles == len(coords) > 0
     assert (coords[:, 0] + 224 <= 12288).all() and (coords[:, 1] + 224 <= 768).all()
     from srmil.wsi.qc import read_png
 

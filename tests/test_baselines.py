@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,8 @@ from srmil.mil.models.gat import SparseGraph
 from srmil.mil.models.genconv import SparseGENConv, _SoftmaxAggregate
 from srmil.mil.models.nystrom import NystromAttention, iterative_pinv
 from srmil.mil.optim import Lookahead, build_optimizer
-from srmil.mil.train import TrainConfig, _optimiser, default_train_config, train_fold
+from srmil.mil.train import _optimiser, train_fold
+from srmil.settings import TrainSettings, train_settings
 from srmil.workflow import STEP_MIB_PER_100K
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,20 +67,20 @@ def small(name: str, **extra) -> dict:
 def test_catalogue_lists_every_model_once_with_its_code_and_settings():
     assert MODEL_NAMES[:2] == ("srmil", "srmil_norec") and len(set(MODEL_NAMES)) == 12
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    train = schema["properties"]["train"]["properties"]
+    train = schema["$defs"]["TrainSection"]["properties"]
     assert tuple(train["models"]["items"]["enum"]) == MODEL_NAMES
     assert set(MODEL_NAMES) <= set(train)  # a train.<model> section for each
-    assert tuple(schema["properties"]["predict"]["properties"]["model"]["enum"]) == MODEL_NAMES
+    assert tuple(schema["$defs"]["PredictSettings"]["properties"]["model"]["enum"]) == MODEL_NAMES
     for name, info in MODELS.items():
         assert info.family in FAMILIES and info.citation and info.code
         assert name in STEP_MIB_PER_100K  # the workflow can size every training job
         hp = default_hparams(name)
         assert json.loads(json.dumps(hp)) == hp
         assert build_model(name, 8, 2, hp).config.__dict__ == hp
-        TrainConfig(**default_train_config(name))  # valid training defaults
+        TrainSettings(**train_settings(name).model_dump(mode="json"))  # valid training defaults
     assert default_hparams("srmil_norec")["w_rec"] == 0.0
     assert default_hparams("srmil_nomask")["mask_ratio"] == 0.0
-    assert default_train_config("srmil_raw")["standardize_features"] is False
+    assert train_settings("srmil_raw").model_dump(mode="json")["standardize_features"] is False
     with pytest.raises(ValueError, match="unknown model 'nosuch'"):
         model_info("nosuch")
 
@@ -97,15 +97,16 @@ def test_variants_inherit_their_family_settings_except_the_switched_one():
 
 
 def test_reference_training_defaults():
-    dsmil, dtfd = default_train_config("dsmil"), default_train_config("dtfd")
+    dsmil, dtfd = (train_settings(m).model_dump(mode="json") for m in ("dsmil", "dtfd"))
     assert (dsmil["optimizer"], dsmil["lr"], dsmil["weight_decay"], dsmil["betas"],
             dsmil["min_lr"]) == ("adam", 1e-4, 1e-3, [0.5, 0.9], 5e-6)
     assert (dtfd["lr"], dtfd["weight_decay"], dtfd["scheduler"], dtfd["step_gamma"]) == (
         1e-4, 1e-4, "step", 0.2)
-    assert default_train_config("transmil")["optimizer"] == "lookahead_radam"
+    assert train_settings("transmil").model_dump(mode="json")["optimizer"] == "lookahead_radam"
     for name in ("clam_sb", "patchgcn", "meanpool", "maxpool"):
-        assert {k: default_train_config(name)[k] for k in ("optimizer", "lr", "weight_decay",
-                                                           "scheduler")} == {
+        settings = train_settings(name)
+        assert {k: getattr(settings, k) for k in ("optimizer", "lr", "weight_decay",
+                                                  "scheduler")} == {
             "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5, "scheduler": "none"}
 
 
@@ -156,7 +157,7 @@ def test_same_seed_same_training_steps(name):
     def run() -> list[float]:
         torch.manual_seed(3)
         model = build_model(name, 8, 2, small(name))
-        config = TrainConfig(**default_train_config(name))
+        config = TrainSettings(**train_settings(name).model_dump(mode="json"))
         optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                     config.betas)
         losses = []
@@ -400,7 +401,7 @@ def test_lookahead_radam_decays_weights_not_biases_and_scheduler_reaches_it():
 
 def test_step_schedule_decays_after_its_share_of_the_epochs():
     model = torch.nn.Linear(2, 2)
-    config = TrainConfig(**{**default_train_config("dtfd"), "epochs": 10})
+    config = TrainSettings(**{**train_settings("dtfd").model_dump(mode="json"), "epochs": 10})
     optimizer, scheduler = _optimiser(model, config)
     lrs = []
     for _ in range(10):
@@ -408,7 +409,7 @@ def test_step_schedule_decays_after_its_share_of_the_epochs():
         optimizer.step()
         scheduler.step()
     assert lrs[:5] == [1e-4] * 5 and lrs[5:] == pytest.approx([2e-5] * 5)
-    assert [f.name for f in fields(TrainConfig)].count("betas") == 1
+    assert list(TrainSettings.model_fields).count("betas") == 1
 
 
 # --- every model learns the tiny cohort ---------------------------------------------------------

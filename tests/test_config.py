@@ -1,4 +1,5 @@
-"""config.yaml against its schema: the shipped defaults pass; bad values name their key."""
+"""The settings layer (srmil/settings.py): config.yaml is its defaults; bad values name their key in
+one line; the JSON schema is generated from it; the CLI's defaults are its defaults."""
 
 import copy
 from pathlib import Path
@@ -6,15 +7,49 @@ from pathlib import Path
 import pytest
 import yaml
 
-from srmil.settings import ConfigError, validate_config
+from srmil.settings import ConfigError, Settings, load_settings, schema_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
 
 
-def test_shipped_config_is_valid() -> None:
-    validate_config(DEFAULT, SCHEMA)
+def test_shipped_config_is_the_defaults() -> None:
+    """config.yaml restates the defaults (with comments for the user); they cannot drift."""
+    assert load_settings(DEFAULT) == Settings()
+
+
+def test_schema_is_generated_from_the_settings() -> None:
+    """workflow/schemas/config.schema.yaml is `python -m srmil.settings`'s output, and it agrees
+    with the settings on config.yaml and on a bad value."""
+    import jsonschema
+
+    assert SCHEMA.read_text() == schema_yaml(), "regenerate: python -m srmil.settings > " + str(
+        SCHEMA.relative_to(REPO))
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
+    assert not list(validator.iter_errors(DEFAULT))
+    bad = copy.deepcopy(DEFAULT)
+    bad["tile"]["patch_px"] = 8
+    assert list(validator.iter_errors(bad))
+    with pytest.raises(ConfigError, match=r"tile\.patch_px: 8 is not valid: must be >= 16"):
+        load_settings(bad)
+
+
+def test_cli_defaults_are_the_settings() -> None:
+    """`srmil <stage> --help` shows the settings' defaults: one definition for both."""
+    from srmil.cli import build_parser
+    from srmil.settings import CVSettings, DemoSettings, EvaluateSettings, FeatureSettings
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    checks = [("demo", "n_slides", DemoSettings().n_slides),
+              ("demo", "tumour_fraction", DemoSettings().tumour_fraction),
+              ("features", "batch_size", FeatureSettings().batch_size),
+              ("features", "reader", FeatureSettings().reader),
+              ("splits", "val_fraction", CVSettings().val_fraction),
+              ("evaluate", "n_bootstrap", EvaluateSettings().n_bootstrap),
+              ("predict", "heatmap_px", EvaluateSettings().heatmap_px)]
+    for command, dest, default in checks:
+        assert sub[command].get_default(dest) == default, (command, dest)
 
 
 @pytest.mark.parametrize(
@@ -32,7 +67,7 @@ def test_bad_values_name_the_key(section, key, value, expected) -> None:
     config = copy.deepcopy(DEFAULT)
     (config[section] if section else config)[key] = value
     with pytest.raises(ConfigError, match=expected) as err:
-        validate_config(config, SCHEMA)
+        load_settings(config)
     assert "\n" not in str(err.value)
 
 
@@ -73,30 +108,30 @@ def test_nested_bad_values_name_the_key(path, value, expected) -> None:
         node = node[key]
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=expected) as err:
-        validate_config(config, SCHEMA)
+        load_settings(config)
     assert "\n" not in str(err.value)
 
 
 def test_classes_list_is_valid() -> None:
-    validate_config({**copy.deepcopy(DEFAULT), "classes": ["normal", "tumour"]}, SCHEMA)
+    load_settings({**copy.deepcopy(DEFAULT), "classes": ["normal", "tumour"]})
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"])
 def test_devices_are_valid(device: str) -> None:
     config = copy.deepcopy(DEFAULT)
     config["features"]["device"] = config["train"]["device"] = device
-    validate_config(config, SCHEMA)
+    load_settings(config)
 
 
 def test_schema_lists_every_training_setting() -> None:
-    """The schema checks train.<model>.train at parse time; it must know TrainConfig's keys."""
-    from dataclasses import fields
-
-    from srmil.mil.train import TrainConfig
+    """The schema documents train.<model>.train: every TrainSettings key, no defaults (each
+    model has its own)."""
+    from srmil.settings import TrainSettings
 
     schema = yaml.safe_load(SCHEMA.read_text())
-    listed = schema["definitions"]["model_section"]["properties"]["train"]["properties"]
-    assert set(listed) == {f.name for f in fields(TrainConfig)}
+    listed = schema["$defs"]["ModelSection"]["properties"]["train"]["properties"]
+    assert set(listed) == set(TrainSettings.model_fields)
+    assert not any("default" in field for field in listed.values())
 
 
 @pytest.mark.parametrize(
@@ -118,7 +153,7 @@ def test_schema_lists_every_training_setting() -> None:
             {"lr": "fast"},
             r"train\.abmil\.train\.lr: 'fast' is not valid: expected number",
         ),
-        ("srmil", {}, {"epochs": 0}, r"train\.srmil\.train: epochs=0: must be a positive integer"),
+        ("srmil", {}, {"epochs": 0}, r"train\.srmil\.train\.epochs: 0 is not valid: must be >= 1"),
     ],
 )
 def test_model_settings_name_the_key(model, model_params, train_params, expected) -> None:
@@ -131,7 +166,7 @@ def test_model_settings_name_the_key(model, model_params, train_params, expected
     check_model_settings(model, {}, {})  # the defaults pass
 
 
-def test_command_line_strings_are_read_as_their_schema_types(tmp_path: Path) -> None:
+def test_command_line_strings_are_read_as_their_types(tmp_path: Path) -> None:
     """`--config exclude_failed_slides=true 'tile={patch_px: 256}'` reaches the Snakefile as
     strings (Snakemake's YAML base loader); they are read as the schema's types, in place, and a
     string that is no such value still names its key."""
@@ -148,14 +183,17 @@ def test_command_line_strings_are_read_as_their_schema_types(tmp_path: Path) -> 
     config = copy.deepcopy(DEFAULT)
     config.update(exclude_failed_slides="true", seed="3")
     config["tile"].update(patch_px="256", stride_px="null", min_tissue_fraction="0.25")
-    config["segment"].update(exclude_pen="false", threshold="otsu")
-    config["train"]["srmil"]["train"].update(lr="1e-3", epochs="7")  # a $ref'd and a plain type
-    validate_config(config, SCHEMA)
-    assert config["train"]["srmil"]["train"] == {"epochs": 7, "lr": 0.001}
-    assert config["exclude_failed_slides"] is True and config["seed"] == 3
-    assert config["tile"] == {**DEFAULT["tile"], "patch_px": 256, "stride_px": None,
-                              "min_tissue_fraction": 0.25}
-    assert config["segment"]["exclude_pen"] is False and config["segment"]["threshold"] == "otsu"
+    config["segment"].update(exclude_pen="false", threshold="40")
+    config["train"]["srmil"]["train"].update(lr="1e-3", epochs="7")
+    settings = load_settings(config)
+    assert settings.exclude_failed_slides is True and settings.seed == 3
+    assert settings.tile.model_dump() == {**DEFAULT["tile"], "patch_px": 256, "stride_px": None,
+                                          "min_tissue_fraction": 0.25}
+    assert settings.segment.exclude_pen is False and settings.segment.threshold == 40
+    from srmil.settings import train_settings
+
+    trained = train_settings("srmil", settings.train.srmil.train)
+    assert (trained.epochs, trained.lr) == (7, 0.001)
     config["tile"]["patch_px"] = "big"
     with pytest.raises(ConfigError, match=r"tile\.patch_px: 'big' is not valid"):
-        validate_config(config, SCHEMA)
+        load_settings(config)

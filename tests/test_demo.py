@@ -326,7 +326,7 @@ def test_tumour_fraction_out_of_order_names_the_key(tmp_path: Path, capsys) -> N
     assert main(["demo", "--out", str(tmp_path / "cli"), "--n-slides", "4",
                  "--tumour-fraction", "0.5", "0.1"]) == 1
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "demo.tumour_fraction [0.5, 0.1]" in err
+    assert "\n" not in err and "tumour_fraction: [0.5, 0.1] must be [low, high]" in err
 
 
 def test_prefix_names_the_slides_and_nothing_else() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import toy_plan
 from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
@@ -30,7 +31,8 @@ from srmil.mil.train import train_fold
 from srmil.report.heatmaps import draw_heatmap, read_patches
 from srmil.report.plots import plot_roc
 from srmil.report.summaries import compare_models, summarise_ablation
-from srmil.store import read_json, write_tiles
+from srmil.store import read_json
+from srmil.wsi.tiling import write_tiles
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -431,8 +433,8 @@ def test_heatmap_of_a_hand_made_slide(tmp_path):
     # Six 128 px patches read at level 0, two rows of three on the grid, over the tissue.
     origin = np.array([384, 256])
     coords = origin + np.array([[0, 0], [128, 0], [256, 0], [0, 128], [128, 128], [256, 128]])
-    plan = {"level": 0, "read_px": 128, "patch_px": 128, "patch_level0": 128.0,
-            "stride_level0": 128.0, "slide_width": 1024, "slide_height": 768}
+    plan = toy_plan(read_px=128, patch_px=128, patch_level0=128.0, stride_level0=128.0,
+                    slide_width=1024, slide_height=768)
     write_tiles(tmp_path / "s.json", coords, np.ones(len(coords)), plan)
     # Annotated: all of patch 1, 30% of patch 5 (positive) and 10% of patch 3 (not).
     annotation = tmp_path / "s.geojson"

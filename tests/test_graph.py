@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import toy_plan
 from scipy.spatial import cKDTree
 
 import srmil
 from srmil import store
 from srmil.graph import build_graph, grid_edges, neighbour_offsets, radius_cells
+from srmil.wsi.tiling import write_tiles
 
 STRIDE = 224
 
@@ -154,7 +156,7 @@ def test_build_graph_round_trip(tmp_path):
     cells = np.argwhere(np.random.default_rng(1).random((6, 7)) < 0.7)
     coords = np.rint(cells * stride).astype(np.int64)
     tiles = tmp_path / "tiles.json"
-    store.write_tiles(tiles, coords, np.ones(len(coords)), {"stride_level0": stride})
+    write_tiles(tiles, coords, np.ones(len(coords)), toy_plan(stride_level0=stride))
 
     attrs = build_graph(tiles, tmp_path / "graph.zarr", window=2)
     edges, stored = store.read_graph_store(tmp_path / "graph.zarr")
@@ -168,7 +170,7 @@ def test_build_graph_round_trip(tmp_path):
 
 def test_build_graph_empty_slide(tmp_path):
     tiles = tmp_path / "tiles.json"
-    store.write_tiles(tiles, np.zeros((0, 2)), np.zeros(0), {"stride_level0": 224.0})
+    write_tiles(tiles, np.zeros((0, 2)), np.zeros(0), toy_plan())
     attrs = build_graph(tiles, tmp_path / "graph.zarr")
     edges, _ = store.read_graph_store(tmp_path / "graph.zarr")
     assert edges.shape == (2, 0) and attrs["n_nodes"] == 0 and attrs["n_edges"] == 0

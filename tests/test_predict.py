@@ -15,15 +15,10 @@ from srmil.cli import main
 from srmil.cohort.splits import make_splits
 from srmil.graph import grid_edges
 from srmil.mil.evaluate import evaluate_model
-from srmil.mil.predict import (
-    PredictError,
-    check_store,
-    graph_window,
-    predict_slides,
-    prepare_slides,
-)
+from srmil.mil.predict import PredictError, check_store, predict_slides
 from srmil.mil.train import train_fold
 from srmil.store import read_json, write_feature_store, write_graph_store
+from srmil.workflow import predict_config
 
 STRIDE = 224
 ATTRS = {"extractor": "toy", "backbone": {"model": "toy"}, "weights_hash": "ab" * 32,
@@ -114,13 +109,13 @@ def test_predict_refuses_another_extractor(trained, tmp_path):
         check_store(meta, {**ATTRS, "patch_px": 256}, "x.zarr", models_dir)
 
 
-def test_prepare_refuses_a_backbone_with_other_weights(trained, cohort, tmp_path):
+def test_standalone_predict_refuses_another_backbone_before_reading(trained, tmp_path):
+    """`srmil predict` on slide files runs the workflow with the model's extractor, tiling and
+    graph; a config asking for other weights is refused before any slide is read."""
     _, _, _, models_dir = trained
-    meta = read_json(models_dir / "fold_0.json")
-    settings = {"backbones": {"toy": {"model": "resnet18", "pretrained": False}}}
+    config = {"backbones": {"toy": {"model": "resnet18", "pretrained": False}}}
     with pytest.raises(PredictError, match="use the backbone the model was trained on"):
-        prepare_slides(cohort, meta, tmp_path / "work", settings, models_dir=models_dir)
-    assert not (tmp_path / "work").exists()  # refused before any slide was read
+        predict_config(models_dir, tmp_path / "new.csv", config)
 
 
 def test_cli_refuses_another_extractor_in_one_line(trained, tmp_path, capsys):
@@ -171,17 +166,10 @@ def test_predict_refuses_graphs_built_with_another_window(trained, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_builds_graphs_with_the_models_window(trained, cohort, tmp_path):
+def test_standalone_predict_takes_the_models_tiling_and_window(trained, tmp_path):
     _, _, _, models_dir = trained
-    meta = read_json(models_dir / "fold_0.json")
-    assert graph_window(meta, {}, models_dir) == 1
-    assert graph_window(meta, {"graph": {"window": 1}}, models_dir) == 1
-    # A model from before graph provenance: the config's window, else the default.
-    old = {**meta, "provenance": {"features": meta["provenance"]["features"]}}
-    assert graph_window(old, {"graph": {"window": 3}}, models_dir) == 3
-    assert graph_window(old, {}, models_dir) == 2
     with pytest.raises(PredictError, match=r"graph\.window=2 in the config, but the model in .* "
                                            r"was trained on graphs with window=1"):
-        prepare_slides(cohort, meta, tmp_path / "work", {"graph": {"window": 2}},
-                       models_dir=models_dir)
-    assert not (tmp_path / "work").exists()  # refused before any slide was read
+        predict_config(models_dir, tmp_path / "new.csv", {"graph": {"window": 2}})
+    with pytest.raises(PredictError, match=r"tile\.patch_px: 256 in the config"):
+        predict_config(models_dir, tmp_path / "new.csv", {"tile": {"patch_px": 256}})

@@ -15,21 +15,18 @@ import pytest
 import tifffile
 import torch
 import zarr
+from conftest import toy_plan
 from jpeg_slides import damage_tile, write_jpeg_slide
 
 from srmil import store
 from srmil.features.backbones import load_backbone
-from srmil.features.extract import (
-    ChunkDataset,
-    extract_features,
-    resolve_workers,
-    split_chunks,
-)
+from srmil.features.extract import ChunkDataset, extract_features, resolve_workers, split_chunks
 from srmil.features.gpu_decode import decode_patches
 from srmil.features.readers import ADOBE, ReaderChoice, TileReader, choose_reader, inspect_level
+from srmil.settings import TileSettings
 from srmil.wsi.segment import segment_slide
 from srmil.wsi.slide import SlideError, open_slide, to_rgb
-from srmil.wsi.tiling import TileParams, tile_slide
+from srmil.wsi.tiling import ReadPlan, read_tiles, tile_slide
 
 SPEC = {"model": "resnet18", "pretrained": False}
 # The issue's bound for reads at a level's own resolution (both decoders' rounding).
@@ -72,21 +69,16 @@ def edge_and_random_origins(width: int, height: int, size: int, n: int = 40) -> 
     return np.concatenate([random, np.asarray(edges)]).astype(np.int64)
 
 
-def plan_for(level: int, downsample: float, read_px: int, patch_px: int) -> dict:
-    return {
-        "level": level,
-        "level_downsample": downsample,
-        "read_px": read_px,
-        "patch_px": patch_px,
-        "stride_level0": patch_px,
-    }
+def plan_for(level: int, downsample: float, read_px: int, patch_px: int) -> ReadPlan:
+    return toy_plan(level=level, level_downsample=downsample, read_px=read_px,
+                    patch_px=patch_px, stride_level0=patch_px)
 
 
 def read_all(path: Path, coords: np.ndarray, plan: dict, reader: ReaderChoice | None):
     data = ChunkDataset(
         str(path), coords, plan, split_chunks([np.arange(len(coords))], 8), reader=reader
     )
-    out = np.zeros((len(coords), plan["patch_px"], plan["patch_px"], 3), np.uint8)
+    out = np.zeros((len(coords), plan.patch_px, plan.patch_px, 3), np.uint8)
     for i in range(len(data)):
         x, idx = data[i]
         out[idx.numpy()] = x.numpy()
@@ -194,7 +186,7 @@ def test_features_agree_and_are_reproducible(
     process and small chunks over several threads; cosine >= 0.9999 to OpenSlide's per patch;
     the automatic choice logged and kept in the store."""
     slide = slides["demo_svs"]
-    assert len(store.read_tiles(tiles)[0]) >= 8
+    assert len(read_tiles(tiles)[0]) >= 8
     runs = {
         "os": ("openslide", 0, 8),
         "a": ("auto", 0, 8),
@@ -238,7 +230,8 @@ def test_features_of_a_finer_slide_read_at_the_target(tmp_path: Path) -> None:
     sheet = write_demo(tmp_path / "c", 1, width_px=2048, height_px=1536, mpp=0.25, progress=False)
     slide = read_sample_sheet(sheet).path.iloc[0]
     segment_slide(slide, tmp_path / "t.geojson", tmp_path / "t.png")
-    tile_slide(slide, tmp_path / "t.geojson", tmp_path / "t.json", params=TileParams(0.5))
+    tile_slide(slide, tmp_path / "t.geojson", tmp_path / "t.json",
+               params=TileSettings(target_mpp=0.5))
     for reader in ("openslide", "auto"):
         extract_features(
             slide,

@@ -16,23 +16,17 @@ from srmil import demo, store
 from srmil.cli import main as cli_main
 from srmil.cohort.samples import SampleSheetError, read_sample_sheet, segment_overrides
 from srmil.graph import build_graph
+from srmil.settings import (
+    ConfigError,
+    SegmentSettings,
+    TileSettings,
+    load_settings,
+    section_from_dict,
+)
 from srmil.wsi.geometry import polygons_mask, polygons_window, read_geojson_polygons
-from srmil.wsi.segment import (
-    SegmentParams,
-    SegmentParamsError,
-    params_from_dict,
-    segment_slide,
-    view_downsample,
-)
+from srmil.wsi.segment import segment_slide, view_downsample
 from srmil.wsi.slide import SlideError, thumbnail
-from srmil.wsi.tiling import (
-    TileParams,
-    TileParamsError,
-    grid_coords,
-    tile_slide,
-    tissue_fractions,
-)
-from srmil.wsi.tiling import params_from_dict as tile_params_from_dict
+from srmil.wsi.tiling import grid_coords, read_tiles, tile_slide, tissue_fractions
 
 
 def run_slide(slide: str | Path, out: Path, name: str, **kwargs) -> dict:
@@ -122,11 +116,11 @@ def test_pen_ink_and_black_border_are_not_tissue(special_dir: Path, tmp_path: Pa
     assert iou(result["geojson"], truth) >= 0.9
     assert result["summary"]["excluded_ink_fraction"] > 0.01
     # Without the exclusion, ink becomes "tissue" and the IoU drops.
-    plain = params_from_dict({"exclude_pen": False, "exclude_dark": False})
+    plain = SegmentSettings(exclude_pen=False, exclude_dark=False)
     segment_slide(special_dir / "slides/pen.tif", tmp_path / "p.geojson", tmp_path / "p.png", plain)
     assert iou(tmp_path / "p.geojson", truth) < iou(result["geojson"], truth) - 0.02
-    coords, _, plan = store.read_tiles(result["tiles"])
-    assert box_means(truth, coords, plan["patch_level0"]).min() >= 0.35
+    coords, _, plan = read_tiles(result["tiles"])
+    assert box_means(truth, coords, plan.patch_level0).min() >= 0.35
 
 
 def test_small_biopsy_on_a_larger_slide_keeps_its_tissue(special_dir: Path, tmp_path: Path) -> None:
@@ -134,12 +128,12 @@ def test_small_biopsy_on_a_larger_slide_keeps_its_tissue(special_dir: Path, tmp_
         special_dir / "slides/biopsy.tif",
         tmp_path,
         "biopsy",
-        tile_params=TileParams(target_mpp=1.0, patch_px=112),
+        tile_params=TileSettings(target_mpp=1.0, patch_px=112),
     )
     truth = truth_mask(special_dir, "biopsy")
     assert truth.mean() < 0.3  # the tissue covers a small part of the slide
     assert iou(result["geojson"], truth) >= 0.9
-    assert result["summary"]["n_pieces"] >= 2 and result["plan"]["n_tiles"] > 0
+    assert result["summary"]["n_pieces"] >= 2 and result["plan"].n_tiles > 0
 
 
 def truth_holes(truth: np.ndarray, min_cells: int) -> list[tuple[int, int]]:
@@ -172,7 +166,7 @@ def test_real_holes_are_kept(
         truth = truth_mask(folder, slide_id)
         found = polygons_mask(read_geojson_polygons(geojson), truth.shape, 16.0) > 0
         # Holes of at least twice min_hole_area_um2 (cells of (16 x 0.5 µm)²).
-        min_cells = round(2 * SegmentParams().min_hole_area_um2 / 8.0**2)
+        min_cells = round(2 * SegmentSettings().min_hole_area_um2 / 8.0**2)
         for x, y in truth_holes(truth, min_cells):
             assert not found[y, x], (slide_id, x, y)
             n_holes += 1
@@ -191,15 +185,15 @@ def test_qc_images_written(segmented: dict) -> None:
 
 def test_tiles_aligned_inside_tissue_and_slide(cohort_dir: Path, segmented: dict) -> None:
     for slide_id, result in segmented.items():
-        coords, fraction, plan = store.read_tiles(result["tiles"])
+        coords, fraction, plan = read_tiles(result["tiles"])
         assert len(coords) > 0 and (fraction >= 0.5).all()
-        stride = plan["stride_level0"]
+        stride = plan.stride_level0
         assert np.array_equal(coords, np.rint(np.rint(coords / stride) * stride))
         assert (coords >= 0).all()
-        assert (coords[:, 0] + plan["patch_level0"] <= plan["slide_width"]).all()
-        assert (coords[:, 1] + plan["patch_level0"] <= plan["slide_height"]).all()
+        assert (coords[:, 0] + plan.patch_level0 <= plan.slide_width).all()
+        assert (coords[:, 1] + plan.patch_level0 <= plan.slide_height).all()
         # no patch lies in background: true tissue (ground truth at downsample 16) under each
-        truth_fraction = box_means(truth_mask(cohort_dir, slide_id), coords, plan["patch_level0"])
+        truth_fraction = box_means(truth_mask(cohort_dir, slide_id), coords, plan.patch_level0)
         assert truth_fraction.min() >= 0.35, (slide_id, truth_fraction.min())  # threshold 0.5
 
 
@@ -211,18 +205,18 @@ def test_overlap_gives_a_finer_aligned_grid(
         row.path,
         segmented[row.slide_id]["geojson"],
         tmp_path / "t.json",
-        TileParams(overlap_px=112),
+        TileSettings(overlap_px=112),
     )
-    coords, _, _ = store.read_tiles(tmp_path / "t.json")
-    assert plan["stride_level0"] == pytest.approx(112) and plan["patch_level0"] == 224
+    coords, _, _ = read_tiles(tmp_path / "t.json")
+    assert plan.stride_level0 == pytest.approx(112) and plan.patch_level0 == 224
     assert np.array_equal(coords % 112, np.zeros_like(coords))
-    assert plan["n_tiles"] > segmented[row.slide_id]["plan"]["n_tiles"]
-    with pytest.raises(TileParamsError, match="overlap_px"):
+    assert plan.n_tiles > segmented[row.slide_id]["plan"].n_tiles
+    with pytest.raises(ValueError, match="overlap_px"):
         tile_slide(
             row.path,
             segmented[row.slide_id]["geojson"],
             tmp_path / "u.json",
-            TileParams(overlap_px=224),
+            TileSettings(overlap_px=224),
         )
 
 
@@ -236,15 +230,15 @@ def test_read_plan_never_upsamples(special_dir: Path, segmented: dict, tmp_path:
                 special_dir / "slides/biopsy.tif",
                 empty,
                 tmp_path / "t.json",
-                TileParams(target_mpp=target),
+                TileSettings(target_mpp=target),
             )
         )
     for plan in plans:
-        level0_per_target_px = plan["patch_level0"] / plan["patch_px"]
-        assert plan["level_downsample"] <= level0_per_target_px * (1 + 1e-3)
-        assert plan["read_px"] >= plan["patch_px"]
-    coarse = [p for p in plans if p["target_mpp"] >= 4 * p["slide_mpp"]]
-    assert all(p["level"] >= 1 for p in coarse)
+        level0_per_target_px = plan.patch_level0 / plan.patch_px
+        assert plan.level_downsample <= level0_per_target_px * (1 + 1e-3)
+        assert plan.read_px >= plan.patch_px
+    coarse = [p for p in plans if p.target_mpp >= 4 * p.slide_mpp]
+    assert all(p.level >= 1 for p in coarse)
 
 
 def test_tumour_tiles_are_kept(cohort_dir: Path, cohort: pd.DataFrame, segmented: dict) -> None:
@@ -252,13 +246,13 @@ def test_tumour_tiles_are_kept(cohort_dir: Path, cohort: pd.DataFrame, segmented
     min_tissue_fraction of true tissue is kept."""
     n_checked = 0
     for row in cohort[cohort["label"] == "tumour"].itertuples():
-        coords, _, plan = store.read_tiles(segmented[row.slide_id]["tiles"])
+        coords, _, plan = read_tiles(segmented[row.slide_id]["tiles"])
         truth = truth_mask(cohort_dir, row.slide_id)
         tumour = polygons_mask(read_geojson_polygons(row.annotation), truth.shape, 16.0) > 0
         grid = grid_coords(plan)
-        on_tumour = box_means(tumour, grid, plan["patch_level0"]) > 0
-        tissue = box_means(truth, grid, plan["patch_level0"])
-        expected = grid[on_tumour & (tissue >= plan["min_tissue_fraction"])]
+        on_tumour = box_means(tumour, grid, plan.patch_level0) > 0
+        tissue = box_means(truth, grid, plan.patch_level0)
+        expected = grid[on_tumour & (tissue >= plan.min_tissue_fraction)]
         kept = {tuple(c) for c in coords.tolist()}
         missing = [tuple(c) for c in expected.tolist() if tuple(c) not in kept]
         assert not missing, (row.slide_id, missing, len(expected))
@@ -272,11 +266,11 @@ def test_grid_near_tissue_gives_the_full_grids_tiles(
     """tile_slide only scores grid cells near tissue: the same tiles, in the same order and
     with the same fractions, as scoring every cell of the slide."""
     for row in cohort.itertuples():
-        coords, fraction, plan = store.read_tiles(segmented[row.slide_id]["tiles"])
+        coords, fraction, plan = read_tiles(segmented[row.slide_id]["tiles"])
         grid = grid_coords(plan)
         polygons = read_geojson_polygons(segmented[row.slide_id]["geojson"])
         full = tissue_fractions(grid, plan, polygons)
-        keep = full >= plan["min_tissue_fraction"]
+        keep = full >= plan.min_tissue_fraction
         assert len(coords) < len(grid)
         assert np.array_equal(coords, grid[keep]), row.slide_id
         assert np.array_equal(fraction, np.round(full[keep], 4)), row.slide_id
@@ -294,7 +288,7 @@ def test_strips_and_windows_change_nothing(
     for path in (cohort.iloc[0].path, special_dir / "slides/pen.tif"):
         with openslide.OpenSlide(str(path)) as slide:
             rgb = thumbnail(slide, 4.0)
-        params = SegmentParams()
+        params = SegmentSettings()
         whole = segment.view_channels(rgb, 2.0, params)
         monkeypatch.setattr(segment, "STRIP_ROWS", 37)
         strips = segment.view_channels(rgb, 2.0, params)
@@ -337,9 +331,9 @@ def test_empty_slide_gives_an_empty_tile_set(
 ) -> None:
     with caplog.at_level(logging.WARNING):
         result = run_slide(special_dir / "slides/empty.tif", tmp_path, "empty")
-    assert result["summary"]["n_pieces"] == 0 and result["plan"]["n_tiles"] == 0
+    assert result["summary"]["n_pieces"] == 0 and result["plan"].n_tiles == 0
     assert "no tissue found" in caplog.text
-    coords, fraction, _ = store.read_tiles(result["tiles"])
+    coords, fraction, _ = read_tiles(result["tiles"])
     assert coords.shape == (0, 2) and fraction.shape == (0,)
     attrs = build_graph(result["tiles"], tmp_path / "empty.zarr")  # downstream copes
     assert attrs["n_nodes"] == 0 and attrs["n_edges"] == 0
@@ -357,7 +351,7 @@ def test_mpp_fallback_chain(special_dir: Path, tmp_path: Path, capsys) -> None:
     )
     assert summary["mpp"] == 0.5 and summary["mpp_source"] == "sample sheet"
     plan = tile_slide(slide, tmp_path / "a.geojson", tmp_path / "a.json", mpp_fallback=0.5)
-    assert plan["mpp_source"] == "config fallback" and plan["n_tiles"] > 0
+    assert plan.mpp_source == "config fallback" and plan.n_tiles > 0
     # The command line prints the same error as one line and exits 1.
     code = cli_main(
         [
@@ -383,7 +377,7 @@ def test_coarser_slide_than_target_is_refused(
             row.path,
             segmented[row.slide_id]["geojson"],
             tmp_path / "t.json",
-            TileParams(target_mpp=0.25),
+            TileSettings(target_mpp=0.25),
         )
 
 
@@ -392,8 +386,8 @@ def test_sheet_mpp_overrides_file(cohort: pd.DataFrame, segmented: dict, tmp_pat
     plan = tile_slide(
         row.path, segmented[row.slide_id]["geojson"], tmp_path / "t.json", mpp_override=0.25
     )
-    assert plan["slide_mpp"] == 0.25 and plan["mpp_source"] == "sample sheet"
-    assert plan["patch_level0"] == pytest.approx(448)
+    assert plan.slide_mpp == 0.25 and plan.mpp_source == "sample sheet"
+    assert plan.patch_level0 == pytest.approx(448)
 
 
 def test_single_level_slide_is_read_in_bounded_chunks(
@@ -423,7 +417,7 @@ def test_single_level_slide_is_read_in_bounded_chunks(
 
 
 def test_view_is_bounded_for_any_slide_size() -> None:
-    params = SegmentParams()
+    params = SegmentSettings()
     for width, height, mpp in (
         (200_000, 100_000, 0.25),
         (1_000_000, 10_000, 0.1),
@@ -439,8 +433,8 @@ def test_view_is_bounded_for_any_slide_size() -> None:
 
 
 def test_unknown_settings_are_refused() -> None:
-    with pytest.raises(SegmentParamsError, match="median_blur"):
-        params_from_dict({"median_blur": 7})
+    with pytest.raises(ConfigError, match="median_blur"):
+        section_from_dict(SegmentSettings, {"median_blur": 7}, "config.yaml segment")
 
 
 def test_per_slide_overrides_from_the_sheet(cohort_dir: Path, tmp_path: Path) -> None:
@@ -458,7 +452,7 @@ def test_per_slide_overrides_from_the_sheet(cohort_dir: Path, tmp_path: Path) ->
         {"threshold": "otsu"},
         {"exclude_pen": True},
     ]
-    params = params_from_dict({**SegmentParams().__dict__, **overrides[0]})
+    params = SegmentSettings(**{**SegmentSettings().model_dump(), **overrides[0]})
     assert params.threshold == 30 and params.exclude_pen is False
     sheet["segment_threshold"] = ["30", "high", "", ""]
     sheet.to_csv(tmp_path / "bad.csv", index=False)
@@ -487,26 +481,26 @@ def test_per_slide_overrides_from_the_sheet(cohort_dir: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "name, value, allowed",
+    ("name", "value", "rule"),
     [
-        ("threshold", 300, '"otsu" or an integer 0-255'),
-        ("threshold", "Otsu", '"otsu" or an integer 0-255'),
-        ("max_view_px", 0, "an integer >= 64"),
-        ("min_tissue_area_um2", -1, "a number >= 0"),
-        ("median_um", float("nan"), "a number >= 0"),
-        ("seg_mpp", 0, "a number > 0"),
-        ("exclude_pen", "yes", "true or false"),
+        ("threshold", 300, "300 is not valid: must be <= 255"),
+        ("threshold", "Otsu", "'Otsu' is not valid: must be one of 'otsu' or an integer"),
+        ("max_view_px", 0, "0 is not valid: must be >= 64"),
+        ("min_tissue_area_um2", -1, "-1 is not valid: must be >= 0"),
+        ("median_um", float("nan"), "nan is not valid: must be >= 0"),
+        ("seg_mpp", 0, "0 is not valid: must be > 0"),
+        ("exclude_pen", "maybe", "'maybe' is not valid: expected boolean"),
     ],
 )
-def test_out_of_range_settings_are_refused(name: str, value: object, allowed: str) -> None:
-    with pytest.raises(SegmentParamsError) as err:
-        params_from_dict({name: value}, "--params of srmil segment")
-    assert str(err.value) == (
-        f"--params of srmil segment: {name} {value!r} must be {allowed}; fix it there"
-    )
-    with pytest.raises(SegmentParamsError, match=f"segment.{name} "):
-        SegmentParams(**{name: value})
-    assert params_from_dict({"max_view_px": 8192.0}).max_view_px == 8192  # a whole float is fine
+def test_out_of_range_settings_are_refused(name: str, value: object, rule: str) -> None:
+    """A segmentation setting outside its range: one line naming where it came from, the key,
+    the value and the rule (srmil.settings, whichever way it arrives)."""
+    with pytest.raises(ConfigError) as err:
+        section_from_dict(SegmentSettings, {name: value}, "--params of srmil segment")
+    assert str(err.value).startswith(f"--params of srmil segment: {name}: {rule}; fix it")
+    with pytest.raises(ConfigError, match=f"config.yaml: segment.{name}: "):
+        load_settings({"segment": {name: value}})
+    assert SegmentSettings(max_view_px=8192.0).max_view_px == 8192  # a whole float is fine
 
 
 def test_bad_segment_params_on_the_command_line(
@@ -526,24 +520,23 @@ def test_bad_segment_params_on_the_command_line(
 def test_tile_settings_are_checked(cohort: pd.DataFrame, segmented: dict, tmp_path: Path) -> None:
     row = cohort.iloc[0]
     plan = tile_slide(
-        row.path, segmented[row.slide_id]["geojson"], tmp_path / "t.json", TileParams(stride_px=112)
+        row.path, segmented[row.slide_id]["geojson"], tmp_path / "t.json",
+        TileSettings(stride_px=112),
     )
-    coords, _, _ = store.read_tiles(tmp_path / "t.json")
-    assert plan["stride_level0"] == pytest.approx(112) and plan["patch_level0"] == 224
+    coords, _, _ = read_tiles(tmp_path / "t.json")
+    assert plan.stride_level0 == pytest.approx(112) and plan.patch_level0 == 224
     assert np.array_equal(coords % 112, np.zeros_like(coords))
     # Both a stride and an overlap: refused instead of ignoring the overlap.
-    with pytest.raises(TileParamsError, match="overlap_px 56 must be 0 when tile.stride_px"):
-        TileParams(stride_px=112, overlap_px=56)
     for values, message in (
-        ({"stride_px": 112, "overlap_px": 56}, "overlap_px 56 must be 0 when tile.stride_px"),
-        ({"stride_px": 0}, "stride_px 0 must be null or an integer >= 1"),
-        ({"patch_px": -1}, "patch_px -1 must be an integer >= 16"),
-        ({"target_mpp": float("nan")}, "target_mpp nan must be a number > 0"),
-        ({"min_tissue_fraction": 1.5}, "min_tissue_fraction 1.5 must be a number 0-1"),
+        ({"stride_px": 112, "overlap_px": 56}, "set stride_px or overlap_px, not both"),
+        ({"stride_px": 0}, "stride_px: 0 is not valid: must be >= 1"),
+        ({"patch_px": -1}, "patch_px: -1 is not valid: must be >= 16"),
+        ({"target_mpp": float("nan")}, "target_mpp: nan is not valid: must be > 0"),
+        ({"min_tissue_fraction": 1.5}, "min_tissue_fraction: 1.5 is not valid: must be <= 1"),
     ):
-        with pytest.raises(TileParamsError, match=f"^config.yaml tile: {message}"):
-            tile_params_from_dict(values)
+        with pytest.raises(ConfigError, match=f"^config.yaml tile: {message}"):
+            section_from_dict(TileSettings, values, "config.yaml tile")
     # The default config's tile section is valid (stride_px null, overlap_px 0).
     config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
-    tile_params_from_dict(config["tile"])
-    params_from_dict(config["segment"])
+    section_from_dict(TileSettings, config["tile"], "config.yaml tile")
+    section_from_dict(SegmentSettings, config["segment"], "config.yaml segment")

@@ -19,13 +19,8 @@ from srmil.graph import grid_edges
 from srmil.mil.bags import load_bag
 from srmil.mil.inference import load_model, predict_bags
 from srmil.mil.metrics import classification_metrics
-from srmil.mil.train import (
-    default_train_config,
-    first_selectable_epoch,
-    make_train_config,
-    select_epoch,
-    train_fold,
-)
+from srmil.mil.train import first_selectable_epoch, select_epoch, train_fold
+from srmil.settings import TileSettings, train_settings
 from srmil.store import read_json, write_feature_store, write_graph_store
 from srmil.workflow import MIN_TRAIN_MIB, train_memory_mb
 
@@ -87,17 +82,17 @@ def test_select_epoch_missing_auc_ranks_last_and_no_validation_takes_the_last_ep
 
 
 def test_default_train_configs_follow_the_reference():
-    srmil = default_train_config("srmil")
+    srmil = train_settings("srmil").model_dump(mode="json")
     assert (srmil["optimizer"], srmil["lr"], srmil["weight_decay"]) == ("adamw", 5e-4, 1e-5)
     assert (srmil["epochs"], srmil["scheduler"], srmil["select_after"]) == (100, "cosine", 0.6)
-    abmil = default_train_config("abmil")
+    abmil = train_settings("abmil").model_dump(mode="json")
     assert (abmil["optimizer"], abmil["lr"], abmil["weight_decay"]) == ("adam", 2e-4, 1e-5)
     with pytest.raises(ValueError, match="unknown model"):
-        default_train_config("clam")
-    with pytest.raises(ValueError, match="unknown training setting"):
-        make_train_config("srmil", {"epoch": 3})
+        train_settings("clam").model_dump(mode="json")
+    with pytest.raises(ValueError, match="epoch\n  Extra inputs are not permitted"):
+        train_settings("srmil", {"epoch": 3})
     with pytest.raises(ValueError, match="optimizer"):
-        make_train_config("srmil", {"optimizer": "sgd"})
+        train_settings("srmil", {"optimizer": "sgd"})
 
 
 # --- train_fold -------------------------------------------------------------------------------
@@ -136,7 +131,7 @@ def test_train_fold_writes_checkpoint_json_and_log(cohort, tmp_path, model_name,
         assert {"train_rec", "train_ce_masked", "train_ce_full"} <= set(epochs.columns)
     assert epochs["selected"].sum() == 1
     assert int(epochs.loc[epochs["selected"] == 1, "epoch"].iloc[0]) == saved["selected_epoch"]
-    assert epochs["lr"].iloc[0] == pytest.approx(default_train_config(model_name)["lr"])
+    assert epochs["lr"].iloc[0] == pytest.approx(train_settings(model_name).lr)
     assert epochs["lr"].is_monotonic_decreasing  # cosine annealing
 
     assert EMPTY in splits["folds"][0]["train"]
@@ -276,7 +271,7 @@ def demo_cohort(tmp_path_factory):
     from srmil.features.extract import extract_features
     from srmil.graph import build_graph
     from srmil.wsi.segment import segment_slide
-    from srmil.wsi.tiling import TileParams, tile_slide
+    from srmil.wsi.tiling import tile_slide
 
     root = tmp_path_factory.mktemp("demo_learning")
     sheet = write_demo(root / "demo", n_slides=24, seed=0, width_px=2048, height_px=1536,
@@ -288,7 +283,7 @@ def demo_cohort(tmp_path_factory):
         for slide_id, slide in zip(samples["slide_id"], samples["path"], strict=True):
             tissue, tiles = root / f"{slide_id}.geojson", root / f"{slide_id}.tiles.json"
             segment_slide(slide, tissue, root / f"{slide_id}.qc.png")
-            tile_slide(slide, tissue, tiles, TileParams(patch_px=112))
+            tile_slide(slide, tissue, tiles, TileSettings(patch_px=112))
             extract_features(slide, tiles, root / "features" / f"{slide_id}.zarr", backbone,
                              "resnet18", num_workers=0, device="cpu", amp="none",
                              progress=False)

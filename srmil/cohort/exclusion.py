@@ -69,8 +69,9 @@ def write_segment_record(geojson: str | os.PathLike, qc_png: str | os.PathLike,
 
 def write_tile_record(tiles: str | os.PathLike, qc_png: str | os.PathLike | None,
                       reason: str) -> None:
-    store.write_tiles(tiles, np.zeros((0, 2)), np.zeros(0),
-                      {EXCLUDED: reason, "n_tiles": 0, "srmil_version": __version__})
+    # Not a ReadPlan: there is nothing to read (later stages check for the record first).
+    store.write_json(tiles, {"plan": {EXCLUDED: reason, "n_tiles": 0, "srmil_version": __version__},
+                             "coords_level0": [], "tissue_fraction": []})
     if qc_png:
         write_reason_png(qc_png, reason)
 

@@ -162,34 +162,35 @@ def _check_segment_overrides(sheet: Path, df: pd.DataFrame) -> None:
     columns = [c for c in df.columns if c.startswith(SEGMENT_PREFIX)]
     if not columns:
         return
-    from srmil.errors import SettingValueError
-    from srmil.wsi.segment import parse_override
+    from srmil.settings import ConfigError, SegmentSettings, cell_value
 
     for col in columns:
         for slide_id, value in zip(df["slide_id"], df[col], strict=True):
             if value == "":
                 continue
             try:
-                parse_override(col.removeprefix(SEGMENT_PREFIX), value)
+                cell_value(SegmentSettings, col.removeprefix(SEGMENT_PREFIX), value)
             except KeyError:
                 raise SampleSheetError(
                     f"{sheet}: column {col!r} names no segmentation setting; rename it to "
                     f"{SEGMENT_PREFIX}<a key of the segment section of config.yaml>"
                 ) from None
-            except SettingValueError as err:  # unparsable or out of range
+            except ConfigError as err:  # unparsable or out of range
                 raise SampleSheetError(
                     f"{sheet}: {col} {value!r} of slide {slide_id!r} is not a valid value "
-                    f"(it must be {err.allowed}); fix it or leave it empty"
+                    f"({err}); fix it or leave it empty"
                 ) from None
 
 
 def segment_overrides(row: pd.Series | dict) -> dict[str, object]:
     """The filled `segment_<setting>` cells of one sheet row, typed, without the prefix."""
-    from srmil.wsi.segment import parse_override
+    from srmil.settings import SegmentSettings, cell_value
 
     items = row.items() if hasattr(row, "items") else dict(row).items()
     return {
-        key.removeprefix(SEGMENT_PREFIX): parse_override(key.removeprefix(SEGMENT_PREFIX), value)
+        key.removeprefix(SEGMENT_PREFIX): cell_value(
+            SegmentSettings, key.removeprefix(SEGMENT_PREFIX), value
+        )
         for key, value in items
         if key.startswith(SEGMENT_PREFIX) and isinstance(value, str) and value.strip()
     }

@@ -13,7 +13,7 @@ import hashlib
 import importlib
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import timm
 import torch
 
 from srmil.errors import InputError
+from srmil.settings import BackboneSpec, section_from_dict
 
 # Classifier parameters a checkpoint may carry that a feature extractor (num_classes=0) lacks.
 HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head.fc.", "last_linear.")
@@ -30,22 +31,10 @@ KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 HF_PREFIX = "hf-hub:"
 # kwargs values naming a layer class (Virchow2 needs mlp_layer/act_layer), e.g. "torch.nn.SiLU".
 IMPORTABLE = re.compile(r"^(timm|torch)(\.\w+)+$")
-POOLS = ("model", "cls+mean")
 
 
 class BackboneError(InputError):
     """A backbone that cannot be built or loaded, phrased as one line naming the fix."""
-
-
-@dataclass
-class BackboneSpec:
-    model: str  # timm name, "hf-hub:org/name", or a preset name (PRESETS)
-    pretrained: bool | None = None  # None: true unless `weights` is set
-    weights: str | None = None  # local checkpoint (.pth/.pt/.bin/.safetensors)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    # "model": the model's own pooled output; "cls+mean": class token concatenated with the mean
-    # of the patch tokens (Virchow-style), for ViTs whose config sets global_pool "".
-    pool: str = "model"
 
 
 @dataclass
@@ -108,19 +97,7 @@ PRESETS = {
 def load_backbone(spec: BackboneSpec | dict[str, Any], seed: int = 0) -> Backbone:
     """Build the model with no classifier head, in eval mode, with its preprocessing config."""
     if isinstance(spec, dict):
-        unknown = sorted(set(spec) - set(BackboneSpec.__dataclass_fields__))
-        if unknown:
-            raise BackboneError(
-                f"backbone {spec.get('model')!r}: unknown key(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(BackboneSpec.__dataclass_fields__)}"
-            )
-        spec = BackboneSpec(**spec)
-    if spec.pretrained and spec.weights:
-        raise BackboneError(
-            f"backbone {spec.model}: set either pretrained: true or weights: PATH, not both"
-        )
-    if spec.pool not in POOLS:
-        raise BackboneError(f"backbone {spec.model}: pool must be one of {', '.join(POOLS)}")
+        spec = section_from_dict(BackboneSpec, spec, f"backbone {spec.get('model')!r}")
     pretrained = spec.pretrained if spec.pretrained is not None else not spec.weights
     kwargs = {k: _resolve_kwarg(spec.model, k, v) for k, v in spec.kwargs.items()}
     torch.manual_seed(seed)  # random initialisation (pretrained: false) is reproducible
@@ -303,4 +280,4 @@ def state_dict_hash(model: torch.nn.Module) -> str:
 
 
 def spec_dict(spec: BackboneSpec) -> dict[str, Any]:
-    return asdict(spec)
+    return spec.model_dump()

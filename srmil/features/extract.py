@@ -36,6 +36,7 @@ from srmil.device import resolve_device as device_for
 from srmil.features.backbones import Backbone, spec_dict
 from srmil.features.readers import EncodedTiles, ReaderChoice, TileReader, choose_reader
 from srmil.wsi.slide import open_slide, read_region, to_rgb
+from srmil.wsi.tiling import ReadPlan, read_tiles
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ _OPEN_LOCK = threading.Lock()
 
 
 def plan_batches(
-    coords_level0: np.ndarray, plan: dict[str, Any], batch_size: int, block: int
+    coords_level0: np.ndarray, plan: ReadPlan, batch_size: int, block: int
 ) -> list[np.ndarray]:
     """Tile indices per model batch, visiting blocks of `block` x `block` grid cells in raster
     order (tiles in raster order inside a block). Deterministic: it depends on the tiles only."""
     n = len(coords_level0)
     if n == 0:
         return []
-    grid = np.rint(coords_level0 / float(plan["stride_level0"])).astype(np.int64)
+    grid = np.rint(coords_level0 / float(plan.stride_level0)).astype(np.int64)
     k = max(1, int(block))
     order = np.lexsort((grid[:, 0], grid[:, 1], grid[:, 0] // k, grid[:, 1] // k))
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -80,7 +81,7 @@ class ChunkDataset(Dataset):
         self,
         slide_path: str,
         coords_level0: np.ndarray,
-        plan: dict[str, Any],
+        plan: ReadPlan,
         chunks: list[np.ndarray],
         block: int = 1,
         reader: ReaderChoice | None = None,
@@ -88,13 +89,13 @@ class ChunkDataset(Dataset):
     ):
         self.slide_path = slide_path
         self.coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-        self.grid = np.rint(self.coords / float(plan["stride_level0"])).astype(np.int64)
+        self.grid = np.rint(self.coords / float(plan.stride_level0)).astype(np.int64)
         self.chunks = chunks
         self.block = max(1, int(block))
-        self.level = int(plan["level"])
-        self.ds = float(plan.get("level_downsample", 1.0))
-        self.read_px = int(plan["read_px"])
-        self.patch_px = int(plan["patch_px"])
+        self.level = int(plan.level)
+        self.ds = float(plan.level_downsample)
+        self.read_px = int(plan.read_px)
+        self.patch_px = int(plan.patch_px)
         self._slide = None
         self.reader = reader or ReaderChoice("openslide", "openslide", "default")
         self.encoded = encoded
@@ -355,7 +356,7 @@ def extract_features(
     """Embed every tile of one slide; write `features` (N x D) and `coords` to a Zarr store.
     `reader`: auto (the JPEG tile reader where the slide's level allows, else OpenSlide),
     openslide or jpeg-tiles (srmil.features.readers)."""
-    coords, _, plan = store.read_tiles(tiles_path)
+    coords, _, plan = read_tiles(tiles_path)
     start = time.perf_counter()
     dev = resolve_device(device)
     choice = pick_reader(slide_path, coords, plan, reader, dev)
@@ -412,16 +413,16 @@ def extract_features(
         "feature_dim": backbone.feature_dim,
         "n_patches": int(len(coords)),
         # why the bag is empty (tiling's reason), carried on to metrics.json
-        **({"skipped": plan["skipped"]} if plan.get("skipped") else {}),
+        **({"skipped": plan.skipped} if plan.skipped else {}),
         "slide": os.path.basename(slide_path),
-        "mpp": plan["target_mpp"],
-        "slide_mpp": plan["slide_mpp"],
-        "patch_px": plan["patch_px"],
-        "stride_px": plan["stride_px"],
-        "patch_level0": plan["patch_level0"],
-        "stride_level0": plan["stride_level0"],
-        "read_level": plan["level"],
-        "read_px": plan["read_px"],
+        "mpp": plan.target_mpp,
+        "slide_mpp": plan.slide_mpp,
+        "patch_px": plan.patch_px,
+        "stride_px": plan.stride_px,
+        "patch_level0": plan.patch_level0,
+        "stride_level0": plan.stride_level0,
+        "read_level": plan.level,
+        "read_px": plan.read_px,
         "read_block": block,
         "reader": choice.provenance(gpu=gpu_decode),
         "transforms": {
@@ -459,7 +460,7 @@ def extract_features(
 def pick_reader(
     slide_path: str | os.PathLike,
     coords_level0: np.ndarray,
-    plan: dict[str, Any],
+    plan: ReadPlan,
     reader: str,
     device: torch.device,
 ) -> ReaderChoice:

@@ -31,6 +31,7 @@ import tifffile
 
 from srmil.errors import one_line
 from srmil.wsi.slide import SlideError, damaged_pixels
+from srmil.wsi.tiling import ReadPlan
 
 READERS = ("auto", "openslide", "jpeg-tiles")
 # OpenSlide drivers whose levels are one plain tile grid per TIFF page (no overlaps, no
@@ -169,7 +170,7 @@ def choose_reader(
     path: str,
     slide: openslide.OpenSlide,
     coords_level0: np.ndarray,
-    plan: dict[str, Any],
+    plan: ReadPlan,
     requested: str = "auto",
 ) -> ReaderChoice:
     """`auto`: the tile reader where it reads the plan's level exactly, else OpenSlide.
@@ -181,7 +182,7 @@ def choose_reader(
         )
     if requested == "openslide":
         return ReaderChoice("openslide", requested, "requested")
-    level = int(plan["level"])
+    level = int(plan.level)
     found = inspect_level(str(path), slide, level)
     if isinstance(found, JpegLevel):
         ds = float(slide.level_downsamples[level])
@@ -198,7 +199,7 @@ def choose_reader(
             )
         return ReaderChoice("openslide", requested, found)
     xy = np.rint(xy).astype(np.int64)
-    scale = dct_scale(found, int(plan["read_px"]), int(plan["patch_px"]), xy)
+    scale = dct_scale(found, int(plan.read_px), int(plan.patch_px), xy)
     what = f"level {level} is {found.tile_w} x {found.tile_h} px {found.colorspace} JPEG tiles"
     return ReaderChoice("jpeg-tiles", requested, what, found, scale)
 

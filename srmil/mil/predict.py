@@ -1,5 +1,6 @@
-"""Predict new slides with a trained model's folds: the same segmentation, tiling, features and
-graph as in training, then the fold ensemble (the mean of the folds' class probabilities).
+"""Predict new slides with a trained model's folds: the fold ensemble (the mean of the folds'
+class probabilities) on the new slides' feature and graph stores, which the workflow's predict
+target makes with the cohort's own stage rules (`srmil predict` runs it: srmil.workflow).
 
 The features must come from the extractor recorded in the model's provenance (the same name and
 the same weights), and the graphs from the same graph parameters (`window`, `radius_cells`,
@@ -10,10 +11,8 @@ patches gets a row with no probabilities and the reason in its `skipped` column.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ import torch
 
 from srmil.errors import InputError
 from srmil.mil.bags import graph_params, load_bag
-from srmil.store import write_text
+from srmil.store import fold_checkpoints, read_json, write_text
 
 log = logging.getLogger(__name__)
 
-FOLD_FILE = re.compile(r"^fold_(\d+)\.pt$")
-# Tiling settings the features depend on; they must match the model's.
-TILE_KEYS = (("mpp", "target_mpp"), ("patch_px", "patch_px"), ("stride_px", "stride_px"))
+# Feature-store attributes of the tiling the features depend on; they must match the model's.
+TILE_KEYS = ("mpp", "patch_px", "stride_px")
 
 
 class PredictError(InputError):
@@ -43,12 +41,7 @@ def load_ensemble(models_dir: str | os.PathLike,
     one model on one set of classes and one extractor."""
     from srmil.mil.inference import load_model
 
-    models_dir = Path(models_dir)
-    paths = sorted((p for p in models_dir.glob("fold_*.pt") if FOLD_FILE.match(p.name)),
-                   key=lambda p: int(FOLD_FILE.match(p.name).group(1)))
-    if not paths:
-        raise PredictError(f"{models_dir}: no fold_*.pt models; train them first or fix "
-                           "predict.model / predict.extractor in config.yaml")
+    paths = fold_checkpoints(models_dir)
     models, metas = [], []
     for path in paths:
         model, meta = load_model(path, device=device)
@@ -106,7 +99,7 @@ def check_store(meta: dict[str, Any], attrs: dict[str, Any], store: str | os.Pat
             f"{str(attrs.get('weights_hash'))[:12]}), but the model in {models_dir} was trained "
             f"on {trained.get('extractor')!r} (weights {trained['weights_hash'][:12]}); extract "
             "the features with the model's extractor")
-    for key, _ in TILE_KEYS:
+    for key in TILE_KEYS:
         if key in trained and key in attrs and not np.isclose(float(attrs[key]),
                                                                float(trained[key])):
             raise PredictError(
@@ -124,22 +117,6 @@ def check_graph(meta: dict[str, Any], graph_attrs: dict[str, Any], store: str | 
             f"{store}: graph built with {_format(built, differ)}, but the model in {models_dir} "
             f"was trained on graphs with {_format(trained, differ)}; rebuild the graphs with "
             f"the model's settings (graph.window: {trained.get('window')} in config.yaml)")
-
-
-def graph_window(meta: dict[str, Any], settings: dict[str, Any],
-                 models_dir: str | os.PathLike) -> int:
-    """The window to build new slides' graphs with: the model's; a config asking for another
-    window is refused (models that predate graph provenance take the config's, default 2)."""
-    trained = model_graph(meta).get("window")
-    configured = (settings.get("graph") or {}).get("window")
-    if trained is None:
-        return int(configured if configured is not None else 2)
-    if configured is not None and int(configured) != int(trained):
-        raise PredictError(
-            f"graph.window={configured} in the config, but the model in {models_dir} was trained "
-            f"on graphs with window={trained}; set graph.window: {trained} or pick a model "
-            f"trained with window {configured}")
-    return int(trained)
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -242,100 +219,6 @@ def _prediction_columns(rows: list[dict[str, Any]], classes: list[str],
             *(f"prob_{c}_fold{k}" for k in folds for c in classes), "skipped"]
 
 
-def prepare_slides(samples: pd.DataFrame, meta: dict[str, Any], work_dir: str | os.PathLike,
-                   settings: dict[str, Any] | None = None, extractor: str | None = None,
-                   models_dir: str | os.PathLike = "", seed: int = 0) -> dict[str, Path]:
-    """Segment, tile, extract features and build graphs for every slide of `samples` under
-    `work_dir` (segment/, tiles/, features/, graphs/), as the workflow's stages do.
-
-    `settings` holds config.yaml sections (`segment`, `tile`, `backbones`, `features`, `graph`,
-    `mpp_fallback`); missing ones take the stage defaults, and the tiling and backbone default
-    to the model's provenance. Graphs are built with the model's graph parameters. The backbone
-    and the graph window are checked against the model before any slide is read. Returns the
-    folders.
-    """
-    from srmil.cohort.samples import segment_overrides
-    from srmil.features.backbones import load_backbone
-    from srmil.features.extract import extract_features
-    from srmil.graph import build_graph
-    from srmil.wsi.segment import params_from_dict as segment_params
-    from srmil.wsi.segment import segment_slide
-    from srmil.wsi.tiling import params_from_dict as tile_params
-    from srmil.wsi.tiling import tile_slide
-
-    settings = settings or {}
-    trained = model_extractor(meta, models_dir)
-    name = check_extractor(meta, extractor, models_dir)
-    window = graph_window(meta, settings, models_dir)
-    spec = (settings.get("backbones") or {}).get(name) or trained.get("backbone")
-    if not isinstance(spec, dict):
-        raise PredictError(f"{models_dir}: extractor {name!r} is neither under 'backbones' in "
-                           "the config nor recorded in the model; add it to the config")
-    backbone = load_backbone(spec, seed=seed)
-    if backbone.weights_hash != trained["weights_hash"]:
-        raise PredictError(
-            f"backbone {spec.get('model')!r} (extractor {name!r}) has weights "
-            f"{backbone.weights_hash[:12]}, but the model in {models_dir} was trained on "
-            f"weights {trained['weights_hash'][:12]}; use the backbone the model was trained on")
-    tile = {key: trained[pkey] for pkey, key in TILE_KEYS if trained.get(pkey) is not None}
-    tile.update(settings.get("tile") or {})
-    feature_settings = _accepted(extract_features, settings.get("features") or {})
-    fallback = settings.get("mpp_fallback")
-
-    work = Path(work_dir)
-    dirs = {name_: work / name_ for name_ in ("segment", "tiles", "features", "graphs")}
-    for _, sample in samples.iterrows():
-        sid = sample.slide_id
-        mpp = None if pd.isna(sample.mpp) else float(sample.mpp)
-        log.info("predict: preparing %s", sid)
-        # config.yaml's segment section with the sheet's per-slide segment_<key> overrides
-        segment = {**(settings.get("segment") or {}), **segment_overrides(sample)}
-        segment_slide(sample.path, dirs["segment"] / f"{sid}.geojson",
-                      dirs["segment"] / f"{sid}.qc.png", segment_params(segment),
-                      annotation=sample.annotation or None, mpp_override=mpp,
-                      mpp_fallback=fallback)
-        tile_slide(sample.path, dirs["segment"] / f"{sid}.geojson",
-                   dirs["tiles"] / f"{sid}.json", tile_params(tile), mpp_override=mpp,
-                   mpp_fallback=fallback)
-        extract_features(sample.path, dirs["tiles"] / f"{sid}.json",
-                         dirs["features"] / f"{sid}.zarr", backbone, extractor=name,
-                         **feature_settings)
-        build_graph(dirs["tiles"] / f"{sid}.json", dirs["graphs"] / f"{sid}.zarr",
-                    window=window)
-    return dirs
-
-
-def _accepted(function: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """The entries of a config section that `function` takes as keyword arguments."""
-    params = inspect.signature(function).parameters
-    skip = {"slide_path", "tiles_path", "out_path", "backbone", "extractor"}
-    return {k: v for k, v in values.items() if k in params and k not in skip}
-
-
-def run_predict(samples_path: str | os.PathLike, models_dir: str | os.PathLike,
-                out_dir: str | os.PathLike, settings: dict[str, Any] | None = None,
-                extractor: str | None = None, device: str = "auto", threads: int | None = None,
-                heatmaps: bool = True, top_patches: int = 8, heatmap_px: int = 1024,
-                seed: int = 0) -> pd.DataFrame:
-    """The whole chain for a sample sheet (labels optional): stores under `out_dir`/work, then
-    `out_dir`/predictions.csv and heatmaps/."""
-    from srmil.cohort.samples import read_sample_sheet
-    from srmil.mil.inference import load_model
-
-    samples = read_sample_sheet(samples_path, require_labels=False)
-    first = _first_model(models_dir)
-    _, meta = load_model(first, device="cpu")
-    check_extractor(meta, extractor, models_dir)
-    dirs = prepare_slides(samples, meta, Path(out_dir) / "work", settings, extractor,
-                          models_dir, seed)
-    return predict_slides(samples, models_dir, dirs["features"], dirs["graphs"], out_dir,
-                          extractor, device, threads, dirs["tiles"] if heatmaps else None,
-                          top_patches, heatmap_px)
-
-
-def _first_model(models_dir: str | os.PathLike) -> Path:
-    paths = sorted(p for p in Path(models_dir).glob("fold_*.pt") if FOLD_FILE.match(p.name))
-    if not paths:
-        raise PredictError(f"{models_dir}: no fold_*.pt models; train them first or fix "
-                           "predict.model / predict.extractor in config.yaml")
-    return paths[0]
+def first_model_meta(models_dir: str | os.PathLike) -> dict[str, Any]:
+    """The metadata (JSON beside the checkpoint) of the first fold model; no model is loaded."""
+    return read_json(fold_checkpoints(models_dir)[0].with_suffix(".json"))

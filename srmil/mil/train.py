@@ -15,7 +15,6 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,78 +29,20 @@ from srmil.device import torch_threads
 from srmil.errors import InputError
 from srmil.mil.attention import AttentionRecorder
 from srmil.mil.bags import Bag, graph_params, load_bag
-from srmil.mil.catalog import MODEL_NAMES, model_info
+from srmil.mil.catalog import MODEL_NAMES
 from srmil.mil.inference import predict_bags
 from srmil.mil.metrics import classification_metrics
 from srmil.mil.models import build_model, default_hparams
 from srmil.mil.optim import build_optimizer
+from srmil.settings import TrainSettings, train_settings
 from srmil.store import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adam", "lookahead_radam")
-SCHEDULERS = ("cosine", "step", "none")
 # Feature-store attributes worth carrying into a model's provenance, when the store has them.
 FEATURE_PROVENANCE_KEYS = ("extractor", "backbone", "weights_hash", "feature_dim", "mpp",
                            "patch_px", "stride_px", "patch_level0", "stride_level0", "dtype",
                            "srmil_version")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and model selection; the defaults are the SRMIL reference's (other models'
-    are in srmil.mil.catalog)."""
-
-    epochs: int = 100
-    optimizer: str = "adamw"  # adamw, adam, or lookahead_radam (TransMIL's, srmil.mil.optim)
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (beta1, beta2)
-    # cosine: annealing from lr to min_lr over `epochs`; step: lr times step_gamma from epoch
-    # floor(step_at * epochs) + 1 on (DTFD-MIL: 0.2 after half the epochs); none
-    scheduler: str = "cosine"
-    min_lr: float = 0.0
-    step_at: float = 0.5
-    step_gamma: float = 0.2
-    select_after: float = 0.6  # fraction of epochs that pass before selection counts
-    early_stopping_patience: int | None = None  # epochs without a better selection, then stop
-    standardize_features: bool = True  # z-score features with the fold's training statistics
-
-    def __post_init__(self) -> None:
-        if int(self.epochs) != self.epochs or self.epochs < 1:
-            raise InputError(f"epochs={self.epochs!r}: must be a positive integer")
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise InputError(f"scheduler={self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        self.betas = [float(b) for b in self.betas]
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise InputError(f"betas={self.betas!r}: two numbers in [0, 1)")
-        if not 0 <= self.step_at <= 1 or not self.step_gamma > 0:
-            raise InputError(f"step_at={self.step_at!r}, step_gamma={self.step_gamma!r}: "
-                             "step_at in [0, 1], step_gamma > 0")
-        if not 0 <= self.select_after <= 1:
-            raise InputError(f"select_after={self.select_after!r}: must be in [0, 1]")
-        patience = self.early_stopping_patience
-        if patience is not None and (int(patience) != patience or patience < 1):
-            raise InputError(f"early_stopping_patience={patience!r}: a positive integer or None")
-
-
-def default_train_config(model_name: str) -> dict[str, Any]:
-    """The reference training settings for `model_name` (srmil.mil.catalog: each model's
-    departures from SRMIL's), as a plain dict."""
-    _check_model_name(model_name)
-    return asdict(TrainConfig(**model_info(model_name).train))
-
-
-def make_train_config(model_name: str, train_hparams: dict[str, Any] | None = None) -> TrainConfig:
-    """The model's defaults overridden by `train_hparams`; unknown keys are an error."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(train_hparams or {}) - known)
-    if unknown:
-        raise InputError(f"unknown training setting(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(sorted(known))}")
-    return TrainConfig(**{**default_train_config(model_name), **(train_hparams or {})})
 
 
 def first_selectable_epoch(epochs: int, select_after: float) -> int:
@@ -155,7 +96,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
     """
     started = time.perf_counter()
     _check_model_name(model_name)
-    config = make_train_config(model_name, train_hparams)
+    config = train_settings(model_name, train_hparams)
     hparams = {**default_hparams(model_name), **(model_hparams or {})}
     classes = list(splits["classes"])
     membership = splits["folds"][fold]
@@ -185,7 +126,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
     meta = {
         "model": model_name,
         "model_hparams": hparams,
-        "train_config": asdict(config),
+        "train_config": config.model_dump(mode="json"),
         "classes": classes,
         "in_dim": in_dim,
         "fold": fold,
@@ -214,7 +155,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
 # --- the loop --------------------------------------------------------------------------------
 
 
-def _fit(model: torch.nn.Module, config: TrainConfig, train_bags: list[Bag], val_bags: list[Bag],
+def _fit(model: torch.nn.Module, config: TrainSettings, train_bags: list[Bag], val_bags: list[Bag],
          labels: dict[str, int], n_classes: int, device: torch.device, seed: int,
          desc: str, recorder: AttentionRecorder | None = None
          ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
@@ -289,7 +230,7 @@ def _validate(model: torch.nn.Module, bags: list[Bag], labels: np.ndarray, n_cla
             "val_auc": math.nan if auc is None else auc}
 
 
-def _should_stop(epoch: int, best_epoch: int | None, config: TrainConfig, has_val: bool) -> bool:
+def _should_stop(epoch: int, best_epoch: int | None, config: TrainSettings, has_val: bool) -> bool:
     patience = config.early_stopping_patience
     if patience is None or best_epoch is None or not has_val:
         return False
@@ -373,7 +314,7 @@ def _check_same_graphs(bags: list[Bag]) -> dict[str, Any]:
     return first
 
 
-def _optimiser(model: torch.nn.Module, config: TrainConfig):
+def _optimiser(model: torch.nn.Module, config: TrainSettings):
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
                                 config.betas)
     if config.scheduler == "cosine":

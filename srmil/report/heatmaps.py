@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from srmil.errors import InputError
-from srmil.store import atomic_path, read_tiles
+from srmil.store import atomic_path
+from srmil.wsi.tiling import ReadPlan, read_tiles
 
 HEATMAP_PX = 1024  # longer side of the thumbnail the heatmap is drawn on
 HEATMAP_DPI = 80  # ~1500 px wide: patches stay legible, a cohort's heatmaps fit in a report
@@ -30,13 +31,13 @@ def attention_grid(coords_level0: np.ndarray, attention: np.ndarray,
 
 
 def read_patches(slide_path: str | os.PathLike, coords_level0: np.ndarray,
-                 plan: dict[str, Any]) -> list[np.ndarray]:
+                 plan: ReadPlan) -> list[np.ndarray]:
     """RGB uint8 patches at the target resolution, read as the features step read them."""
     import cv2
 
     from srmil.wsi.slide import open_slide, read_region, to_rgb
 
-    level, read_px, patch_px = int(plan["level"]), int(plan["read_px"]), int(plan["patch_px"])
+    level, read_px, patch_px = int(plan.level), int(plan.read_px), int(plan.patch_px)
     patches = []
     with open_slide(slide_path) as slide:
         for x, y in np.asarray(coords_level0, dtype=np.int64):
@@ -82,7 +83,7 @@ def draw_heatmap(out_png: str | os.PathLike, slide_path: str | os.PathLike,
                          "the features step")
     thumb, ds = slide_thumbnail(slide_path, max_px)
     polygons = read_geojson_polygons(annotation) if annotation else []
-    positive = (positive_patches(coords, plan["patch_level0"], annotation) if annotation
+    positive = (positive_patches(coords, plan.patch_level0, annotation) if annotation
                 else np.zeros(len(coords), dtype=bool))
     top = np.argsort(-attention, kind="stable")[:top_k]
     patches = read_patches(slide_path, coords[top], plan)
@@ -124,14 +125,14 @@ def _draw_slide(ax, thumb: np.ndarray, polygons: list[dict[str, Any]], ds: float
 
 
 def _draw_attention(fig, ax, thumb_shape: tuple[int, ...], coords: np.ndarray,
-                    attention: np.ndarray, plan: dict[str, Any], ds: float,
+                    attention: np.ndarray, plan: ReadPlan, ds: float,
                     top: np.ndarray) -> None:
     """The attention on the patch grid over the thumbnail (its colour bar below), the `top`
     patches framed in cyan with their rank."""
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
-    stride = float(plan["stride_level0"])
+    stride = float(plan.stride_level0)
     cells = attention_grid(coords, attention, stride)
     vmax = float(attention.max()) if attention.size else 1.0
     extent = (0, cells.shape[1] * stride / ds, cells.shape[0] * stride / ds, 0)
@@ -140,7 +141,7 @@ def _draw_attention(fig, ax, thumb_shape: tuple[int, ...], coords: np.ndarray,
                       interpolation="nearest")
     ax.set_xlim(0, thumb_shape[1])
     ax.set_ylim(thumb_shape[0], 0)
-    size = float(plan["patch_level0"]) / ds
+    size = float(plan.patch_level0) / ds
     for rank, i in enumerate(top, start=1):
         x, y = coords[i] / ds
         ax.add_patch(Rectangle((x, y), size, size, fill=False, color="cyan", lw=0.8))

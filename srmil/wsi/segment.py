@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
 from srmil import __version__
-from srmil.errors import (
-    Allowed,
-    InputError,
-    SettingValueError,
-    check_settings,
-    settings_from_dict,
-)
+from srmil.settings import SegmentSettings
 from srmil.wsi import qc
 from srmil.wsi.geometry import (
     Polygon,
@@ -51,98 +44,10 @@ MAX_GLASS_SATURATION = 30.0
 STRIP_ROWS = 512
 
 
-class SegmentParamsError(InputError):
-    """A segmentation setting that cannot be used (config.yaml or a sample-sheet column)."""
-
-
-class SegmentValueError(SettingValueError, SegmentParamsError):
-    """A segmentation setting outside its allowed values."""
-
-
-@dataclass
-class SegmentParams:
-    seg_mpp: float = 8.0  # µm/px of the view segmentation runs on (the coarsest it will use)
-    min_view_px: int = 1024  # small slides: a finer view so its longer side has this many px,
-    min_seg_mpp: float = 2.0  # but never finer than this (cells, not tissue, at finer views)
-    max_view_px: int = 8192  # huge slides: a coarser view so its longer side stays within this
-    median_um: float = 32.0  # median filter width on the saturation (nuclei, JPEG noise)
-    threshold: str | int = "otsu"  # "otsu" or a fixed saturation threshold 0-255
-    min_saturation: int = 8  # Otsu closer than this to the glass's saturation: an empty slide
-    close_um: float = 16.0  # morphological closing diameter (joins tissue torn by white gaps)
-    min_tissue_area_um2: float = 5_000.0  # smaller pieces are dropped
-    min_hole_area_um2: float = 2_000.0  # smaller holes are filled
-    max_holes_per_piece: int = 64  # the largest holes of a piece are kept
-    exclude_pen: bool = True  # blue/green ink: more green than red, which H&E never has
-    pen_green_over_red: int = 10  # G - R above this (0-255) marks ink
-    exclude_dark: bool = True  # black ink and black scanner borders
-    dark_max_value: int = 60  # max(R, G, B) below this marks a black area
-    ink_margin_um: float = 4.0  # grow ink/black areas by this much (their soft edges)
-
-    def __post_init__(self) -> None:
-        check_settings(self, SEGMENT_ALLOWED, "segment", SegmentValueError)
-
-
-# What each setting may be: the same ranges as workflow/schemas/config.schema.yaml, checked here
-# too because sample-sheet columns and `srmil segment --params` do not pass that schema.
-BYTE = Allowed(int, 0, 255)
-SEGMENT_ALLOWED = {
-    "seg_mpp": Allowed(float, 0, low_open=True),
-    "min_view_px": Allowed(int, 1),
-    "min_seg_mpp": Allowed(float, 0, low_open=True),
-    "max_view_px": Allowed(int, 64),
-    "median_um": Allowed(float, 0),
-    "threshold": Allowed(int, 0, 255, words=("otsu",)),
-    "min_saturation": BYTE,
-    "close_um": Allowed(float, 0),
-    "min_tissue_area_um2": Allowed(float, 0),
-    "min_hole_area_um2": Allowed(float, 0),
-    "max_holes_per_piece": Allowed(int, 0),
-    "exclude_pen": Allowed(bool),
-    "pen_green_over_red": BYTE,
-    "exclude_dark": Allowed(bool),
-    "dark_max_value": BYTE,
-    "ink_margin_um": Allowed(float, 0),
-}
-
-
-def params_from_dict(values: dict[str, Any], source: str = "config.yaml segment") -> SegmentParams:
-    """SegmentParams from a dict, refusing unknown keys and values outside their range with a
-    one-line error that names `source`, the setting, the value and what is allowed."""
-    return settings_from_dict(SegmentParams, values, source, "segmentation", SegmentParamsError)
-
-
-def parse_override(name: str, text: str) -> Any:
-    """A per-slide setting from a sample-sheet cell, typed like the SegmentParams field.
-
-    KeyError for an unknown setting; SegmentValueError (naming what is allowed) for a value
-    that does not parse or lies outside the setting's range."""
-    allowed = SEGMENT_ALLOWED[name]
-    try:
-        value = _parse_cell(text.strip(), allowed)
-    except ValueError:
-        raise SegmentValueError("segment", name, text, allowed) from None
-    if not allowed.fits(value):
-        raise SegmentValueError("segment", name, text, allowed)
-    return value
-
-
-def _parse_cell(text: str, allowed: Allowed) -> Any:
-    if text.lower() in allowed.words:
-        return text.lower()
-    if allowed.kind is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes"):
-            return True
-        if lowered in ("0", "false", "no"):
-            return False
-        raise ValueError(text)
-    return allowed.kind(text)
-
-
 # --- the view ---------------------------------------------------------------------------------
 
 
-def view_downsample(width: int, height: int, mpp: float, params: SegmentParams) -> float:
+def view_downsample(width: int, height: int, mpp: float, params: SegmentSettings) -> float:
     """Level-0 px per view px: `seg_mpp`, finer for small slides, coarser for huge ones."""
     longer = max(width, height)
     downsample = params.seg_mpp / mpp
@@ -164,7 +69,7 @@ def _disk(diameter_px: float) -> np.ndarray:
 
 
 def view_channels(
-    rgb: np.ndarray, view_mpp: float, params: SegmentParams
+    rgb: np.ndarray, view_mpp: float, params: SegmentSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(saturation, value, ink) of an RGB view as uint8 arrays: saturation and value
     median-filtered over `median_um`, ink a 0/1 mask (see ink_mask).
@@ -194,7 +99,7 @@ def view_channels(
     return sat, value, ink
 
 
-def _ink_pixels(rgb: np.ndarray, params: SegmentParams) -> np.ndarray:
+def _ink_pixels(rgb: np.ndarray, params: SegmentSettings) -> np.ndarray:
     """uint8 0/1 mask of ink and black pixels (before growing by the margin).
 
     H&E absorbs green at least as strongly as red (both stains do), so tissue never shows more
@@ -215,7 +120,7 @@ def _ink_pixels(rgb: np.ndarray, params: SegmentParams) -> np.ndarray:
 
 
 def saturation_threshold(
-    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, params: SegmentParams
+    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, params: SegmentSettings
 ) -> int:
     """Otsu on the saturation outside ink (ink would pull it up), at least `min_saturation`
     above the glass, whose saturation is read off the brightest pixels: on a slide without
@@ -237,7 +142,7 @@ def saturation_threshold(
 
 
 def tissue_mask(
-    rgb: np.ndarray, view_mpp: float, params: SegmentParams
+    rgb: np.ndarray, view_mpp: float, params: SegmentSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tissue, excluded ink) uint8 0/1 masks of an RGB view whose pixels are `view_mpp` µm."""
     sat, value, ink = view_channels(rgb, view_mpp, params)
@@ -245,7 +150,7 @@ def tissue_mask(
 
 
 def mask_from_channels(
-    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, view_mpp: float, params: SegmentParams
+    sat: np.ndarray, value: np.ndarray, ink: np.ndarray, view_mpp: float, params: SegmentSettings
 ) -> np.ndarray:
     """uint8 0/1 tissue mask from view_channels' output: threshold, closing, ink removed."""
     threshold = saturation_threshold(sat, value, ink, params)
@@ -258,7 +163,7 @@ def mask_from_channels(
 
 
 def mask_to_polygons(
-    mask: np.ndarray, view_mpp: float, downsample: float, params: SegmentParams
+    mask: np.ndarray, view_mpp: float, downsample: float, params: SegmentSettings
 ) -> list[Polygon]:
     """Tissue pieces with their holes as GeoJSON polygons in level-0 px; small pieces dropped,
     small holes filled, at most `max_holes_per_piece` (the largest) kept per piece."""
@@ -303,13 +208,13 @@ def segment_slide(
     slide_path: str | os.PathLike,
     out_geojson: str | os.PathLike,
     out_qc_png: str | os.PathLike,
-    params: SegmentParams | None = None,
+    params: SegmentSettings | None = None,
     annotation: str | os.PathLike | None = None,
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
 ) -> dict[str, Any]:
     """Segment one slide; write tissue polygons (GeoJSON, level-0 px) and a QC overlay PNG."""
-    params = params or SegmentParams()
+    params = params or SegmentSettings()
     with open_slide(slide_path) as slide:
         info = slide_info(slide, slide_path, mpp_override, mpp_fallback)
         downsample = view_downsample(info.width, info.height, info.mpp, params)
@@ -338,7 +243,7 @@ def segment_slide(
         "n_holes": sum(len(p["coordinates"]) - 1 for p in polygons),
         "tissue_area_mm2": round(tissue_area_um2 / 1e6, 4),
         "excluded_ink_fraction": round(float(ink.mean()), 4),
-        "params": asdict(params),
+        "params": params.model_dump(),
         "srmil_version": __version__,
     }
     write_geojson_polygons(out_geojson, polygons, "Tissue", summary)

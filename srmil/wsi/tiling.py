@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from srmil import __version__, store
-from srmil.errors import Allowed, InputError, SettingValueError, check_settings, settings_from_dict
+from srmil.errors import InputError
+from srmil.settings import TileSettings
 from srmil.wsi import qc
 from srmil.wsi.geometry import (
     Polygon,
@@ -43,60 +44,34 @@ MAX_MASK_SIDE = 8192
 SUM_STRIP_ROWS = 256
 
 
-class TileParamsError(InputError):
-    """A tiling setting that cannot be used."""
+@dataclass(frozen=True)
+class ReadPlan:
+    """How one slide's patches are read, saved with its tiles (`write_tiles`, `read_tiles`): the
+    target resolution and grid, the pyramid level read and every size in level-0 px, which the
+    features, the graph and the heatmaps all go by."""
+
+    target_mpp: float  # µm/px of the patches
+    patch_px: int  # patch side at target_mpp
+    stride_px: int  # grid step at target_mpp
+    slide_mpp: float  # the slide's level-0 µm/px
+    mpp_source: str  # "file", "sample sheet" or "config fallback"
+    patch_level0: float  # patch side in level-0 px
+    stride_level0: float  # grid step in level-0 px: origins are multiples of it
+    level: int  # the pyramid level read
+    level_downsample: float
+    # px read at `level` for one patch, >= patch_px: the level is never coarser than the
+    # target, so reads only shrink
+    read_px: int
+    slide_width: int  # level-0 px
+    slide_height: int
+    min_tissue_fraction: float
+    srmil_version: str = __version__
+    params: dict[str, Any] = field(default_factory=dict)  # the tile settings used
+    n_tiles: int = 0
+    skipped: str | None = None  # why the slide has no patch (kept as an empty bag)
 
 
-class TileValueError(SettingValueError, TileParamsError):
-    """A tiling setting outside its allowed values."""
-
-
-# The same ranges as workflow/schemas/config.schema.yaml (`srmil tile --params` skips it).
-TILE_ALLOWED = {
-    "target_mpp": Allowed(float, 0, low_open=True),
-    "patch_px": Allowed(int, 16),
-    "stride_px": Allowed(int, 1, none_ok=True),
-    "overlap_px": Allowed(int, 0),
-    "min_tissue_fraction": Allowed(float, 0, 1),
-}
-
-
-@dataclass
-class TileParams:
-    target_mpp: float = 0.5
-    patch_px: int = 224  # patch side at target_mpp
-    stride_px: int | None = None  # default: patch_px - overlap_px
-    overlap_px: int = 0  # only when stride_px is not given
-    min_tissue_fraction: float = 0.5
-
-    def __post_init__(self) -> None:
-        check_settings(self, TILE_ALLOWED, "tile", TileValueError)
-        if self.stride_px is not None and self.overlap_px != 0:
-            # Both set: one would be silently ignored.
-            raise TileValueError(
-                "tile", "overlap_px", self.overlap_px, "0 when tile.stride_px is set (set one)"
-            )
-        if self.overlap_px >= self.patch_px:
-            raise TileValueError(
-                "tile", "overlap_px", self.overlap_px,
-                f"smaller than tile.patch_px {self.patch_px}",
-            )
-
-
-def params_from_dict(values: dict[str, Any], source: str = "config.yaml tile") -> TileParams:
-    """TileParams from a dict, refusing unknown keys and values outside their range with a
-    one-line error that names `source`, the setting, the value and what is allowed."""
-    return settings_from_dict(TileParams, values, source, "tiling", TileParamsError)
-
-
-def stride_of(params: TileParams) -> int:
-    """Grid stride in target px: stride_px, else patch_px - overlap_px (checked >= 1)."""
-    if params.stride_px is not None:
-        return int(params.stride_px)
-    return params.patch_px - params.overlap_px
-
-
-def read_plan(info: SlideInfo, params: TileParams) -> dict[str, Any]:
+def read_plan(info: SlideInfo, params: TileSettings) -> ReadPlan:
     """How to read a patch: level, size at that level, and sizes in level-0 px."""
     scale = params.target_mpp / info.mpp  # level-0 px per target px
     if scale < 1 - 1e-3:
@@ -104,44 +79,71 @@ def read_plan(info: SlideInfo, params: TileParams) -> dict[str, Any]:
             f"{info.path}: slide resolution {info.mpp:.4g} µm/px is coarser than the "
             f"target {params.target_mpp} µm/px; raise tile.target_mpp in config.yaml"
         )
-    stride_px = stride_of(params)
     level = level_for_downsample(info.level_downsamples, scale)
     level_ds = info.level_downsamples[level]
-    return {
-        "target_mpp": params.target_mpp,
-        "patch_px": params.patch_px,
-        "stride_px": stride_px,
-        "slide_mpp": info.mpp,
-        "mpp_source": info.mpp_source,
-        "patch_level0": params.patch_px * scale,
-        "stride_level0": stride_px * scale,
-        "level": level,
-        "level_downsample": level_ds,
-        # >= patch_px: the level is never coarser than the target, so reads only shrink
-        "read_px": max(params.patch_px, round(params.patch_px * scale / level_ds)),
-        "slide_width": info.width,
-        "slide_height": info.height,
-        "min_tissue_fraction": params.min_tissue_fraction,
-        "srmil_version": __version__,
-    }
+    return ReadPlan(
+        target_mpp=params.target_mpp,
+        patch_px=params.patch_px,
+        stride_px=params.stride,
+        slide_mpp=info.mpp,
+        mpp_source=info.mpp_source,
+        patch_level0=params.patch_px * scale,
+        stride_level0=params.stride * scale,
+        level=level,
+        level_downsample=level_ds,
+        read_px=max(params.patch_px, round(params.patch_px * scale / level_ds)),
+        slide_width=info.width,
+        slide_height=info.height,
+        min_tissue_fraction=params.min_tissue_fraction,
+        params=params.model_dump(),
+    )
 
 
-def grid_shape(plan: dict[str, Any]) -> tuple[int, int]:
+def write_tiles(
+    path: str | os.PathLike,
+    coords_level0: np.ndarray,
+    tissue_fraction: np.ndarray,
+    plan: ReadPlan,
+) -> None:
+    """A tile set (JSON): the origins (N x 2, x/y in level-0 px), their tissue fractions and the
+    read plan."""
+    coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+    store.write_json(path, {
+        "plan": asdict(plan),
+        "coords_level0": coords_level0.tolist(),
+        "tissue_fraction": np.round(np.asarray(tissue_fraction, dtype=float), 4).tolist(),
+    })
+
+
+def read_tiles(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, ReadPlan]:
+    """(coords_level0 N x 2 int64, tissue_fraction N float, plan) of a tile set; a one-line
+    error for a file this version did not write."""
+    data = store.read_json(path)
+    try:
+        plan = ReadPlan(**data["plan"])
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a tile set of this srmil version ({err}); rerun the tile "
+                         "step") from None
+    coords = np.asarray(data["coords_level0"], dtype=np.int64).reshape(-1, 2)
+    return coords, np.asarray(data["tissue_fraction"], dtype=np.float64), plan
+
+
+def grid_shape(plan: ReadPlan) -> tuple[int, int]:
     """(columns, rows) of the slide's grid; 0 when not even one patch fits."""
-    stride, size = plan["stride_level0"], plan["patch_level0"]
-    nx = int(np.floor((plan["slide_width"] - size) / stride)) + 1
-    ny = int(np.floor((plan["slide_height"] - size) / stride)) + 1
+    stride, size = plan.stride_level0, plan.patch_level0
+    nx = int(np.floor((plan.slide_width - size) / stride)) + 1
+    ny = int(np.floor((plan.slide_height - size) / stride)) + 1
     return max(nx, 0), max(ny, 0)
 
 
 def grid_coords(
-    plan: dict[str, Any], boxes: list[tuple[float, float, float, float]] | None = None
+    plan: ReadPlan, boxes: list[tuple[float, float, float, float]] | None = None
 ) -> np.ndarray:
     """Every grid origin (x, y) in level-0 px whose patch lies inside the slide, row-major.
 
     With `boxes` (x0, y0, x1, y1 in level-0 px), only the origins whose patch overlaps one of
     them: the same lattice and order, without a coordinate for every cell of a huge slide."""
-    stride, size = plan["stride_level0"], plan["patch_level0"]
+    stride, size = plan.stride_level0, plan.patch_level0
     nx, ny = grid_shape(plan)
     if nx == 0 or ny == 0:
         return np.zeros((0, 2), np.int64)
@@ -159,16 +161,16 @@ def grid_coords(
         iy, ix = np.nonzero(cells)
     coords = np.stack([np.rint(ix * stride), np.rint(iy * stride)], 1).astype(np.int64)
     # Rounding a fractional stride may push the last patch past the edge by a pixel.
-    inside = (coords[:, 0] + size <= plan["slide_width"] + 1e-6) & (
-        coords[:, 1] + size <= plan["slide_height"] + 1e-6
+    inside = (coords[:, 0] + size <= plan.slide_width + 1e-6) & (
+        coords[:, 1] + size <= plan.slide_height + 1e-6
     )
     return coords[inside]
 
 
-def mask_downsample(plan: dict[str, Any]) -> float:
+def mask_downsample(plan: ReadPlan) -> float:
     """Level-0 px per px of the mask tissue fractions are measured on."""
-    w, h = plan["slide_width"], plan["slide_height"]
-    return max(plan["patch_level0"] / MASK_PX_PER_PATCH, max(w, h) / MAX_MASK_SIDE, 1.0)
+    w, h = plan.slide_width, plan.slide_height
+    return max(plan.patch_level0 / MASK_PX_PER_PATCH, max(w, h) / MAX_MASK_SIDE, 1.0)
 
 
 def tissue_boxes(polygons: list[Polygon], margin: float) -> list[tuple[float, float, float, float]]:
@@ -178,7 +180,7 @@ def tissue_boxes(polygons: list[Polygon], margin: float) -> list[tuple[float, fl
 
 
 def tissue_fractions(
-    coords: np.ndarray, plan: dict[str, Any], polygons: list[Polygon]
+    coords: np.ndarray, plan: ReadPlan, polygons: list[Polygon]
 ) -> np.ndarray:
     """Fraction of each patch covered by tissue polygons, from summed-area tables.
 
@@ -186,7 +188,7 @@ def tissue_fractions(
     strips of SUM_STRIP_ROWS rows, so memory stays near that of the mask itself."""
     if len(coords) == 0 or not polygons:
         return np.zeros(len(coords))
-    w, h = plan["slide_width"], plan["slide_height"]
+    w, h = plan.slide_width, plan.slide_height
     ds = mask_downsample(plan)
     shape = (int(np.ceil(h / ds)), int(np.ceil(w / ds)))
     window = polygons_window(polygons, shape, ds)
@@ -196,8 +198,8 @@ def tissue_fractions(
         return np.clip(np.rint(v / ds).astype(np.int64), 0, limit)
 
     x0, y0 = px(coords[:, 0], shape[1]), px(coords[:, 1], shape[0])
-    x1 = px(coords[:, 0] + plan["patch_level0"], shape[1])
-    y1 = px(coords[:, 1] + plan["patch_level0"], shape[0])
+    x1 = px(coords[:, 0] + plan.patch_level0, shape[1])
+    y1 = px(coords[:, 1] + plan.patch_level0, shape[0])
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
     # Boxes in window px: the mask outside the window is 0, so clipping loses nothing.
     wy0, wy1, wx0, wx1 = window
@@ -229,34 +231,34 @@ def box_sums(
     return sums
 
 
-def skip_reason(plan: dict[str, Any], n_grid: int, polygons: list[Polygon]) -> str:
+def skip_reason(plan: ReadPlan, n_grid: int, polygons: list[Polygon]) -> str:
     """Why a slide has no patches, in words (recorded in its tile set as `skipped`)."""
     if n_grid == 0:
         return (
-            f"slide of {plan['slide_width']} x {plan['slide_height']} px is smaller than one "
-            f"patch ({plan['patch_level0']:.0f} level-0 px)"
+            f"slide of {plan.slide_width} x {plan.slide_height} px is smaller than one "
+            f"patch ({plan.patch_level0:.0f} level-0 px)"
         )
     if not polygons:
         return "no tissue found"
-    return f"no patch reaches tile.min_tissue_fraction {plan['min_tissue_fraction']:g}"
+    return f"no patch reaches tile.min_tissue_fraction {plan.min_tissue_fraction:g}"
 
 
 def tile_slide(
     slide_path: str | os.PathLike,
     tissue_geojson: str | os.PathLike,
     out_path: str | os.PathLike,
-    params: TileParams | None = None,
+    params: TileSettings | None = None,
     mpp_override: float | None = None,
     mpp_fallback: float | None = None,
     out_qc_png: str | os.PathLike | None = None,
     seg_qc_png: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+) -> ReadPlan:
     """Write the kept patch origins (level-0 px), their tissue fraction and the read plan.
 
     With `out_qc_png`, also a QC image: the segmentation QC image `seg_qc_png` (thumbnail,
     tissue, holes, annotation) with the kept tile grid drawn on it.
     """
-    params = params or TileParams()
+    params = params or TileSettings()
     with open_slide(slide_path) as slide:
         info = slide_info(slide, slide_path, mpp_override, mpp_fallback)
     plan = read_plan(info, params)
@@ -276,10 +278,8 @@ def tile_slide(
         # Not an error: the slide stays in the cohort as an empty bag, which training skips
         # and evaluation lists under `skipped` in metrics.json.
         log.warning("%s: %s; the slide is skipped (empty bag)", slide_path, skipped)
-    plan["params"] = asdict(params)
-    plan["n_tiles"] = int(len(coords))
-    plan["skipped"] = skipped
-    store.write_tiles(out_path, coords, fraction, plan)
+    plan = replace(plan, n_tiles=int(len(coords)), skipped=skipped)
+    write_tiles(out_path, coords, fraction, plan)
     if out_qc_png is not None:
         _write_qc(slide_path, tissue_geojson, polygons, seg_qc_png, out_qc_png, coords, plan)
     return plan
@@ -292,15 +292,15 @@ def _write_qc(
     seg_qc_png: str | os.PathLike | None,
     out_qc_png: str | os.PathLike,
     coords: np.ndarray,
-    plan: dict[str, Any],
+    plan: ReadPlan,
 ) -> None:
     if seg_qc_png is not None:
         image = qc.read_png(seg_qc_png)
-        downsample = plan["slide_width"] / image.shape[1]
+        downsample = plan.slide_width / image.shape[1]
     else:  # no segmentation QC image: draw one on a fresh thumbnail
         summary = store.read_json(tissue_geojson).get("properties", {})
         with open_slide(slide_path) as slide:
             view = thumbnail(slide, float(summary.get("seg_downsample", 32.0)))
-        image, downsample = qc.qc_scale(view, plan["slide_width"] / view.shape[1])
+        image, downsample = qc.qc_scale(view, plan.slide_width / view.shape[1])
         image = qc.draw_overlay(image, downsample, polygons)
-    qc.write_png(out_qc_png, qc.draw_tile_grid(image, downsample, coords, plan["patch_level0"]))
+    qc.write_png(out_qc_png, qc.draw_tile_grid(image, downsample, coords, plan.patch_level0))

@@ -19,7 +19,7 @@ use rule train_fold as ablation_train_fold with:
 
 rule ablation_evaluate:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/splits.json",
         models=expand(
             "results/ablation/{{model}}/{{extractor}}/mask_{{ratio}}/fold_{fold}.pt",
@@ -51,7 +51,7 @@ rule ablation_evaluate:
         ratio=r"\d+(\.\d+)?(e-?\d+)?",
     conda:
         "../../envs/srmil.yaml"
-    threads: config["train"]["threads"]
+    threads: SETTINGS.train.threads
     resources:
         mem_mb=scaled(4000, per_slide=25),
         runtime=scaled(30, per_slide=0.1),
@@ -60,7 +60,7 @@ rule ablation_evaluate:
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
         models_dir=lambda wildcards, input: os.path.dirname(input.models[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
-        device=config["train"]["device"],
+        device=SETTINGS.train.device,
         options=evaluate_options(),
         exclude_failed=EXCLUDE_OPTION,
     shell:

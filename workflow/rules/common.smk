@@ -7,14 +7,15 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from srmil.mil.catalog import inherited_settings
+from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
 from srmil.cohort.splits import fold_count, make_splits, read_split_file
 from srmil.demo import planned_sheet
 from srmil.errors import InputError
-from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
+from srmil.mil.catalog import inherited_settings
+from srmil.store import fold_checkpoints
 
-DEMO_SHEET = Path(config["demo"]["out_dir"]) / "samples.csv"
-IS_DEMO = Path(config["samples"]).resolve() == DEMO_SHEET.resolve()
+DEMO_SHEET = Path(SETTINGS.demo.out_dir) / "samples.csv"
+IS_DEMO = Path(SETTINGS.samples).resolve() == DEMO_SHEET.resolve()
 
 
 def keep_going_requested():
@@ -28,7 +29,7 @@ def keep_going_requested():
 
 # exclude_failed_slides: a slide whose file is missing or unreadable is excluded (its outputs
 # record why) instead of failing its jobs; training and evaluation leave it out (srmil.cohort.exclusion).
-EXCLUDE_FAILED = bool(config.get("exclude_failed_slides", False))
+EXCLUDE_FAILED = SETTINGS.exclude_failed_slides
 # With --keep-going a bad slide file fails only its own jobs, not the whole run (below).
 # Job processes (a cluster job parses the workflow again) leave the files to the main one.
 KEEP_GOING = workflow.is_main_process and keep_going_requested()
@@ -60,12 +61,8 @@ def read_sheet(path, **kwargs):
 def load_samples():
     """The sample sheet; for the demo before it exists, the sheet the demo rule will write."""
     if IS_DEMO and not DEMO_SHEET.exists():
-        rows = planned_sheet(
-            config["demo"]["out_dir"],
-            config["demo"]["n_slides"],
-            config["seed"],
-            config["demo"].get("prefix", "demo"),
-        )
+        demo = SETTINGS.demo
+        rows = planned_sheet(demo.out_dir, demo.n_slides, SETTINGS.seed, demo.prefix)
         sheet = pd.DataFrame(rows)
         sheet["path"] = [str(DEMO_SHEET.parent.resolve() / p) for p in sheet["path"]]
         sheet["annotation"] = [
@@ -74,7 +71,7 @@ def load_samples():
         ]
         sheet["mpp"] = float("nan")
         return sheet
-    sheet = read_sheet(config["samples"], classes=config.get("classes"))
+    sheet = read_sheet(SETTINGS.samples, classes=SETTINGS.classes)
     validate(sheet, "../schemas/samples.schema.yaml")
     return sheet
 
@@ -85,14 +82,12 @@ except InputError as err:
     # Bad input gets one line naming the file and the fix, not a traceback.
     sys.exit(f"srmil: error: {err}")
 SLIDES = list(SAMPLES.index)
-EXTRACTORS = config["features"]["extractors"]
-MODELS = config["train"]["models"]
-SPLIT_FILE = config["cv"].get("split_file")
+EXTRACTORS = SETTINGS.features.extractors
+MODELS = SETTINGS.train.models
+SPLIT_FILE = SETTINGS.cv.split_file
 try:
     # A fixed split file sets the number of folds; else k-fold with cv.n_folds.
-    FOLDS = list(
-        range(fold_count(SPLIT_FILE) if SPLIT_FILE else config["cv"]["n_folds"])
-    )
+    FOLDS = list(range(fold_count(SPLIT_FILE) if SPLIT_FILE else SETTINGS.cv.n_folds))
 except InputError as err:
     sys.exit(f"srmil: error: {err}")
 
@@ -100,18 +95,11 @@ except InputError as err:
 # ids not in the sheet) is checked here, so it stops the run before any job.
 try:
     if SPLIT_FILE:
-        read_split_file(SPLIT_FILE, SAMPLES, config["cv"].get("val_fraction", 0.2))
+        read_split_file(SPLIT_FILE, SAMPLES, SETTINGS.cv.val_fraction)
     else:
-        make_splits(SAMPLES, len(FOLDS), config["cv"].get("val_fraction", 0.2))
+        make_splits(SAMPLES, len(FOLDS), SETTINGS.cv.val_fraction)
 except InputError as err:
-    sys.exit(f"srmil: error: {config['samples']}: {err}")
-
-for _name in EXTRACTORS:
-    if _name not in config["backbones"]:
-        sys.exit(
-            f"srmil: error: config.yaml: features.extractors names {_name!r}, which is not "
-            "under 'backbones'; define it there or remove it"
-        )
+    sys.exit(f"srmil: error: {SETTINGS.samples}: {err}")
 
 
 wildcard_constraints:
@@ -130,7 +118,7 @@ def model_settings(model, part):
     """train.<model>.<part> ("model" or "train") as one JSON argument. A variant of SRMIL
     (srmil_norec, ...) inherits train.srmil's settings except those the variant fixes
     (srmil.mil.catalog), then applies its own section."""
-    return as_json(inherited_settings(model, part, config["train"]))
+    return as_json(inherited_settings(model, part, SETTINGS.train.model_dump()))
 
 
 # Lookups in a sheet (the cohort's, or predict's new slides) for the per-slide rules.
@@ -164,7 +152,10 @@ def sheet_mpp(sheet):
 def sheet_segment_params(sheet):
     """config.yaml's segment section with the slide's `segment_<setting>` overrides."""
     return lambda wildcards: as_json(
-        {**config["segment"], **segment_overrides(sheet.loc[wildcards.slide])}
+        {
+            **SETTINGS.segment.model_dump(),
+            **segment_overrides(sheet.loc[wildcards.slide]),
+        }
     )
 
 
@@ -191,7 +182,7 @@ EXCLUDE_OPTION = "--exclude-failed" if EXCLUDE_FAILED else ""
 
 
 def mpp_fallback():
-    value = config.get("mpp_fallback")
+    value = SETTINGS.mpp_fallback
     return "" if value is None else str(value)
 
 
@@ -223,28 +214,25 @@ os.environ.update(SRMIL_ROOT=workflow.basedir)
 
 def evaluate_options():
     """The `evaluate:` section as command-line options (changing one reruns evaluation)."""
-    section = config.get("evaluate", {})
+    section = SETTINGS.evaluate
     options = {
-        "--n-bootstrap": section.get("n_bootstrap", 1000),
-        "--ci-level": section.get("ci_level", 0.95),
-        "--top-patches": section.get("top_patches", 8),
-        "--heatmap-px": section.get("heatmap_px", 1024),
-        "--seed": config["seed"],
+        "--n-bootstrap": section.n_bootstrap,
+        "--ci-level": section.ci_level,
+        "--top-patches": section.top_patches,
+        "--heatmap-px": section.heatmap_px,
+        "--seed": SETTINGS.seed,
     }
-    if section.get("max_heatmaps") is not None:
-        options["--max-heatmaps"] = section["max_heatmaps"]
+    if section.max_heatmaps is not None:
+        options["--max-heatmaps"] = section.max_heatmaps
     return " ".join(f"{k} {v}" for k, v in options.items())
 
 
-MASK_RATIOS = [
-    f"{float(r):g}" for r in (config.get("ablation") or {}).get("mask_ratios", [])
-]
+MASK_RATIOS = [f"{r:g}" for r in SETTINGS.ablation.mask_ratios]
 
 
 def ablation_model_params(wildcards):
     """SRMIL's model settings from train.srmil with this job's mask ratio."""
-    base = (config["train"].get("srmil") or {}).get("model") or {}
-    return as_json({**base, "mask_ratio": float(wildcards.ratio)})
+    return as_json({**SETTINGS.train.srmil.model, "mask_ratio": float(wildcards.ratio)})
 
 
 def srmil_mask_ratio():
@@ -252,7 +240,7 @@ def srmil_mask_ratio():
     # Imported here: torch is loaded only when the ablation or the study is requested.
     from srmil.mil.models import default_hparams
 
-    model = (config["train"].get("srmil") or {}).get("model") or {}
+    model = SETTINGS.train.srmil.model
     return float(model.get("mask_ratio", default_hparams("srmil")["mask_ratio"]))
 
 
@@ -271,11 +259,9 @@ def ablation_metrics(wildcards):
 
 
 # The accuracy study (study.smk): seeds, and the runs its summary reads.
-STUDY = {"seeds": [0, 1, 2, 3, 4], "mask_ratio_seeds": None}
-STUDY.update(config.get("study") or {})
-STUDY_SEEDS = [int(s) for s in STUDY["seeds"]]
+STUDY_SEEDS = SETTINGS.study.seeds
 # The mask-ratio curve costs a model per ratio and seed: it may use fewer seeds.
-CURVE_SEEDS = [int(s) for s in STUDY["mask_ratio_seeds"] or STUDY_SEEDS]
+CURVE_SEEDS = SETTINGS.study.mask_ratio_seeds or STUDY_SEEDS
 STUDY_RUN = "results/study/{extractor}/seed_{seed}/{model}"
 
 
@@ -295,21 +281,22 @@ def study_runs(wildcards):
     return runs
 
 
-PREDICT = {"samples": None, "model": "srmil", "extractor": "resnet18"}
-PREDICT.update(config.get("predict") or {})
+PREDICT = SETTINGS.predict
 
 
 def load_predict_samples():
     """The sheet of new slides (labels optional), or an empty table when none is set."""
-    if not PREDICT["samples"]:
+    if not PREDICT.samples:
         return pd.DataFrame(columns=["slide_id", "path", "annotation", "mpp"])
-    if PREDICT["model"] not in MODELS or PREDICT["extractor"] not in EXTRACTORS:
+    if not PREDICT.models_dir and (
+        PREDICT.model not in MODELS or PREDICT.extractor not in EXTRACTORS
+    ):
         raise InputError(
-            f"config.yaml: predict.model {PREDICT['model']!r} / predict.extractor "
-            f"{PREDICT['extractor']!r} must be among train.models ({', '.join(MODELS)}) "
+            f"config.yaml: predict.model {PREDICT.model!r} / predict.extractor "
+            f"{PREDICT.extractor!r} must be among train.models ({', '.join(MODELS)}) "
             f"and features.extractors ({', '.join(EXTRACTORS)})"
         )
-    return read_sheet(PREDICT["samples"], require_labels=False)
+    return read_sheet(PREDICT.samples, require_labels=False)
 
 
 try:
@@ -328,6 +315,18 @@ def predict_stores(pattern):
     )
 
 
+def predict_models(wildcards):
+    """The fold models to predict with: predict.models_dir's, or this workflow's."""
+    if PREDICT.models_dir:
+        return [str(p) for p in fold_checkpoints(PREDICT.models_dir)]
+    return expand(
+        "results/models/{model}/{extractor}/fold_{fold}.pt",
+        model=wildcards.model,
+        extractor=wildcards.extractor,
+        fold=FOLDS,
+    )
+
+
 def predict_target(wildcards):
     if not PREDICT_SLIDES:
         raise InputError(
@@ -336,6 +335,6 @@ def predict_target(wildcards):
         )
     return expand(
         "results/predict/{model}/{extractor}/predictions.csv",
-        model=PREDICT["model"],
-        extractor=PREDICT["extractor"],
+        model=PREDICT.model,
+        extractor=PREDICT.extractor,
     )

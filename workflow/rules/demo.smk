@@ -16,16 +16,14 @@ if IS_DEMO:
             runtime=scaled(30),
         params:
             out_dir=lambda wildcards, output: os.path.dirname(output.sheet),
-            n_slides=config["demo"]["n_slides"],
-            width=config["demo"]["width_px"],
-            height=config["demo"]["height_px"],
-            mpp=config["demo"]["mpp"],
-            seed=config["seed"],
-            prefix=config["demo"].get("prefix", "demo"),
-            tumour=" ".join(
-                str(f) for f in config["demo"].get("tumour_fraction", [0.02, 0.05])
-            ),
-            contrast=config["demo"].get("tumour_contrast", 1.0),
+            n_slides=SETTINGS.demo.n_slides,
+            width=SETTINGS.demo.width_px,
+            height=SETTINGS.demo.height_px,
+            mpp=SETTINGS.demo.mpp,
+            seed=SETTINGS.seed,
+            prefix=SETTINGS.demo.prefix,
+            tumour=" ".join(str(f) for f in SETTINGS.demo.tumour_fraction),
+            contrast=SETTINGS.demo.tumour_contrast,
         shell:
             "srmil demo --out {params.out_dir:q} --n-slides {params.n_slides} --seed {params.seed}"
             " --width {params.width} --height {params.height} --mpp {params.mpp}"

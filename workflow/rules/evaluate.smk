@@ -1,6 +1,6 @@
 rule evaluate_model:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/splits.json",
         models=expand(
             "results/models/{{model}}/{{extractor}}/fold_{fold}.pt", fold=FOLDS
@@ -53,7 +53,7 @@ rule evaluate_model:
         "results/benchmarks/evaluate/{model}/{extractor}.tsv"
     conda:
         "../../envs/srmil.yaml"
-    threads: config["train"]["threads"]
+    threads: SETTINGS.train.threads
     resources:
         mem_mb=scaled(4000, per_slide=25),
         runtime=scaled(30, per_slide=0.1),
@@ -63,7 +63,7 @@ rule evaluate_model:
         tiles_dir=lambda wildcards, input: stores_dir(input.tiles),
         models_dir=lambda wildcards, input: os.path.dirname(input.models[0]),
         out_dir=lambda wildcards, output: os.path.dirname(output.metrics),
-        device=config["train"]["device"],
+        device=SETTINGS.train.device,
         options=evaluate_options(),
         exclude_failed=EXCLUDE_OPTION,
     shell:

@@ -10,20 +10,22 @@ rule extract_features:
         "results/benchmarks/features/{extractor}/{slide}.tsv"
     conda:
         "../../envs/srmil.yaml"
-    threads: config["features"]["threads"]
+    threads: SETTINGS.features.threads
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(120),
     params:
-        backbone=lambda wildcards: as_json(config["backbones"][wildcards.extractor]),
-        batch_size=config["features"]["batch_size"],
-        num_workers=config["features"]["num_workers"],
-        device=config["features"]["device"],
-        amp=config["features"]["amp"],
-        dtype=config["features"]["dtype"],
-        read_block=config["features"]["read_block"],
-        reader=config["features"].get("reader", "auto"),
-        seed=config["seed"],
+        backbone=lambda wildcards: as_json(
+            SETTINGS.backbones[wildcards.extractor].model_dump()
+        ),
+        batch_size=SETTINGS.features.batch_size,
+        num_workers=SETTINGS.features.num_workers,
+        device=SETTINGS.features.device,
+        amp=SETTINGS.features.amp,
+        dtype=SETTINGS.features.dtype,
+        read_block=SETTINGS.features.read_block,
+        reader=SETTINGS.features.reader,
+        seed=SETTINGS.seed,
         on_bad_slide=on_bad_slide,
     shell:
         "srmil features --slide={input.slide:q} --tiles {input.tiles} --out {output}"

@@ -13,7 +13,7 @@ rule build_graph:
         mem_mb=scaled(2000),
         runtime=scaled(15),
     params:
-        window=config["graph"]["window"],
+        window=SETTINGS.graph.window,
         on_bad_slide=on_bad_slide,
     shell:
         "srmil graph --tiles {input} --out {output} --window {params.window}"

@@ -69,10 +69,8 @@ use rule build_graph as predict_build_graph with:
 
 rule predict_model:
     input:
-        samples=PREDICT["samples"] or [],
-        models=expand(
-            "results/models/{{model}}/{{extractor}}/fold_{fold}.pt", fold=FOLDS
-        ),
+        samples=PREDICT.samples or [],
+        models=predict_models,
         features=predict_stores("results/predict/features/{extractor}/{slide}.zarr"),
         graphs=predict_stores("results/predict/graphs/{slide}.zarr"),
         tiles=predict_stores("results/predict/tiles/{slide}.json"),
@@ -90,9 +88,12 @@ rule predict_model:
         "logs/predict/{model}/{extractor}.log",
     benchmark:
         "results/benchmarks/predict/{model}/{extractor}.tsv"
+    wildcard_constraints:
+        model=PREDICT.model,
+        extractor=PREDICT.extractor,
     conda:
         "../../envs/srmil.yaml"
-    threads: config["train"]["threads"]
+    threads: SETTINGS.train.threads
     resources:
         mem_mb=scaled(4000),
         runtime=scaled(30),
@@ -102,17 +103,18 @@ rule predict_model:
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
         tiles_dir=lambda wildcards, input: stores_dir(input.tiles),
         out_dir=lambda wildcards, output: os.path.dirname(output.predictions),
-        top_patches=config.get("evaluate", {}).get("top_patches", 8),
-        heatmap_px=config.get("evaluate", {}).get("heatmap_px", 1024),
-        device=config["train"]["device"],
+        top_patches=SETTINGS.evaluate.top_patches,
+        heatmap_px=SETTINGS.evaluate.heatmap_px,
+        device=SETTINGS.train.device,
         exclude_failed=EXCLUDE_OPTION,
+        heatmaps="" if PREDICT.heatmaps else "--no-heatmaps",
     shell:
         "srmil predict --samples {input.samples:q} --models-dir {params.models_dir}"
         " --extractor {wildcards.extractor} --features-dir {params.features_dir}"
         " --graphs-dir {params.graphs_dir} --tiles-dir {params.tiles_dir}"
         " --top-patches {params.top_patches} --heatmap-px {params.heatmap_px}"
         " --device {params.device} --threads {threads} --out-dir {params.out_dir}"
-        " {params.exclude_failed} > {log} 2>&1"
+        " {params.exclude_failed} {params.heatmaps} > {log} 2>&1"
 
 
 rule predict:

@@ -18,7 +18,7 @@ use rule splits as study_splits with:
 
 use rule train_fold as study_train_fold with:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/study/seed_{seed}/splits.json",
         features=feature_stores,
         graphs=graph_stores,
@@ -59,7 +59,7 @@ use rule study_train_fold as study_ablation_train_fold with:
 
 use rule ablation_evaluate as study_evaluate with:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/study/seed_{seed}/splits.json",
         models=expand(f"{STUDY_RUN}/fold_{{fold}}.pt", fold=FOLDS, allow_missing=True),
         attention=expand(
@@ -81,7 +81,7 @@ use rule ablation_evaluate as study_evaluate with:
 
 use rule study_evaluate as study_ablation_evaluate with:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/study/seed_{seed}/splits.json",
         models=expand(
             f"{STUDY_RUN}/mask_{{ratio}}/fold_{{fold}}.pt",

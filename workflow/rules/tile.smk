@@ -22,7 +22,7 @@ rule tile_slide:
     params:
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
-        params=as_json(config["tile"]),
+        params=as_json(SETTINGS.tile.model_dump()),
         on_bad_slide=on_bad_slide,
     shell:
         "srmil tile --slide={input.slide:q} --tissue {input.tissue}"

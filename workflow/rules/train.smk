@@ -3,7 +3,7 @@ from srmil.workflow import train_memory_mb
 
 rule splits:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         split_file=[SPLIT_FILE] if SPLIT_FILE else [],
     output:
         "results/splits.json",
@@ -17,9 +17,9 @@ rule splits:
         mem_mb=scaled(2000),
         runtime=scaled(10),
     params:
-        n_folds=config["cv"]["n_folds"],
-        val_fraction=config["cv"]["val_fraction"],
-        seed=config["seed"],
+        n_folds=SETTINGS.cv.n_folds,
+        val_fraction=SETTINGS.cv.val_fraction,
+        seed=SETTINGS.seed,
         split_file=shlex.quote(SPLIT_FILE or ""),
     shell:
         "srmil splits --samples {input.samples:q} --out {output} --n-folds {params.n_folds}"
@@ -29,7 +29,7 @@ rule splits:
 
 rule train_fold:
     input:
-        samples=config["samples"],
+        samples=SETTINGS.samples,
         splits="results/splits.json",
         features=feature_stores,
         graphs=graph_stores,
@@ -44,7 +44,7 @@ rule train_fold:
         "results/benchmarks/train/{model}/{extractor}/fold_{fold}.tsv"
     conda:
         "../../envs/srmil.yaml"
-    threads: config["train"]["threads"]
+    threads: SETTINGS.train.threads
     resources:
         # train.mem_mb, or auto: from the shapes of the cohort's stores (the largest bag's step,
         # all bags held; ~9500 MB for a 100k-patch SRMIL bag at D = 512), read when the job is
@@ -54,7 +54,7 @@ rule train_fold:
             wildcards.model,
             input.features,
             input.graphs,
-            config["train"].get("mem_mb", "auto"),
+            SETTINGS.train.mem_mb,
         ),
         runtime=scaled(60, per_slide=0.5),
     params:
@@ -62,8 +62,8 @@ rule train_fold:
         graphs_dir=lambda wildcards, input: stores_dir(input.graphs),
         model_params=lambda wildcards: model_settings(wildcards.model, "model"),
         train_params=lambda wildcards: model_settings(wildcards.model, "train"),
-        device=config["train"]["device"],
-        seed=config["seed"],
+        device=SETTINGS.train.device,
+        seed=SETTINGS.seed,
         exclude_failed=EXCLUDE_OPTION,
     shell:
         "srmil train --model {wildcards.model} --fold {wildcards.fold}"
