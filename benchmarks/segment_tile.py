@@ -30,7 +30,7 @@ import numpy as np
 
 from srmil import demo
 from srmil.settings import SegmentSettings
-from srmil.wsi.segment import polygons_mask, read_geojson_polygons
+from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 
 HERE = Path(__file__).resolve().parent
 MASK_DS = demo.MASK_DOWNSAMPLE

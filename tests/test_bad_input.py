@@ -351,7 +351,7 @@ def test_extreme_aspect_ratio_is_tiled(slides: dict[str, Path], tmp_path: Path) 
     coords, _, _ = read_tiles(tmp_path / "l.json")
     assert summary["n_pieces"] >= 1 and plan.n_tiles == len(coords) > 0
     assert (coords[:, 0] + 224 <= 12288).all() and (coords[:, 1] + 224 <= 768).all()
-    from srmil.wsi.segment import read_png
+    from srmil.wsi.qc import read_png
 
     h, w = read_png(tmp_path / "l.tiles.png").shape[:2]
     assert w / h == pytest.approx(16, rel=0.1)

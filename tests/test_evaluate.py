@@ -280,14 +280,13 @@ def test_patch_annotation_fractions_by_hand(tmp_path):
     coords = np.array([[0, 0], [100, 0], [200, 0]])
     square = {"type": "Polygon", "coordinates": [[[50, 0], [250, 0], [250, 100], [50, 100],
                                                   [50, 0]]]}
-    assert patch_annotation_fractions(coords, 100, [square]) == pytest.approx([0.5, 1, 0.5],
-                                                                              abs=0.01)
+    assert patch_annotation_fractions(coords, 100, [square]).tolist() == [0.5, 1, 0.5]
     thin = {"type": "Polygon", "coordinates": [[[0, 0], [115, 0], [115, 100], [0, 100],
                                                 [0, 0]]]}
     path = tmp_path / "tumour.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": thin, "properties": {}}]}))
-    # 100% of the first patch, ~15% of the second (not over 20%), none of the third.
+    # 100% of the first patch, 15% of the second (not over 20%), none of the third.
     assert positive_patches(coords, 100, path).tolist() == [True, False, False]
     with pytest.raises(ValueError, match="annotation not found"):
         positive_patches(coords, 100, tmp_path / "missing.geojson")
@@ -301,28 +300,48 @@ def _box(x0, y0, x1, y1):
 @pytest.mark.parametrize(("width", "offset", "positive"),
                          [(19, 3.5, False), (19, 9.8, False), (21, 4.9, True), (21, 11.2, True)])
 def test_the_20_percent_rule_is_exact_off_the_raster_grid(width, offset, positive):
-    # A strip over `width`% of the middle patch, starting `offset` px in: off the coarse grid
-    # (100/16 px), where the coarse raster alone read 19% as 25% and 21% as 18.75%.
+    # A strip over `width`% of the middle patch, starting `offset` px in: off the tiling's
+    # raster grid (100/16 px), which alone would read 19% as 25% and 21% as 18.75%.
     coords = np.array([[0, 0], [100, 0], [200, 0], [100, 100]])
     x0 = 100 + offset
     fractions = patch_annotation_fractions(coords, 100, [_box(x0, 0, x0 + width, 100)])
-    assert fractions == pytest.approx([0, width / 100, 0, 0], abs=0.01)
+    assert fractions == pytest.approx([0, width / 100, 0, 0], rel=1e-12, abs=1e-12)
     assert (fractions > POSITIVE_AREA).tolist() == [False, positive, False, False]
     # The same strip lying along y, in the patch below.
     across = patch_annotation_fractions(coords, 100, [_box(100, 100 + offset, 200,
                                                            100 + offset + width)])
-    assert across == pytest.approx([0, 0, 0, width / 100], abs=0.01)
+    assert across == pytest.approx([0, 0, 0, width / 100], rel=1e-12, abs=1e-12)
 
 
-def test_a_thin_strip_between_raster_cells_is_measured():
-    # 2% of a patch inside one coarse cell (14 px), which the coarse raster reads as 0; and a
-    # square with a hole cut out.
+def test_a_thin_strip_and_a_hole_are_measured_exactly():
+    # 2% of a patch inside one raster cell (14 px), and a square with a hole cut out.
     coords = np.array([[0, 0], [224, 0]])
     strip = _box(290.5, 0, 294.98, 224)
     donut = {"type": "Polygon", "coordinates": [_box(0, 0, 224, 224)["coordinates"][0],
                                                 _box(56, 56, 168, 168)["coordinates"][0]]}
     assert patch_annotation_fractions(coords, 224, [strip, donut]) == pytest.approx(
-        [0.75, 0.02], abs=0.01)
+        [0.75, 0.02], rel=1e-12)
+
+
+def test_overlapping_and_self_crossing_annotations():
+    coords = np.array([[0, 0], [100, 0], [0, 100]])
+    # Two annotations over the same 30% of the first patch: counted once, not 60%.
+    left = _box(0, 0, 30, 100)
+    again = _box(0, 0, 30, 100)
+    # A hole of one annotation does not erase another annotation under it.
+    frame = {"type": "Polygon", "coordinates": [_box(100, 0, 200, 100)["coordinates"][0],
+                                                _box(120, 20, 180, 80)["coordinates"][0]]}
+    island = _box(140, 40, 160, 60)
+    # A bow tie (the outline crosses itself): both triangles count, 2 x 1/4 of the patch.
+    bow_tie = {"type": "Polygon", "coordinates": [[[0, 100], [100, 200], [100, 100],
+                                                   [0, 200], [0, 100]]]}
+    fractions = patch_annotation_fractions(coords, 100, [left, again, frame, island, bow_tie])
+    assert fractions == pytest.approx([0.3, 1 - 0.36 + 0.04, 0.5], rel=1e-12)
+    # No polygons, no patches, a degenerate ring: zeros, not errors.
+    assert patch_annotation_fractions(coords, 100, []).tolist() == [0, 0, 0]
+    assert patch_annotation_fractions(np.zeros((0, 2)), 100, [left]).shape == (0,)
+    line = {"type": "Polygon", "coordinates": [[[0, 0], [50, 50], [0, 0]]]}
+    assert patch_annotation_fractions(coords, 100, [line]).tolist() == [0, 0, 0]
 
 
 # --- evaluation outputs, comparison, ablation -------------------------------------------------

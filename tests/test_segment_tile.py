@@ -23,8 +23,9 @@ from srmil.settings import (
     load_settings,
     section_from_dict,
 )
-from srmil.wsi.segment import polygons_mask, read_geojson_polygons, segment_slide, view_downsample
-from srmil.wsi.slide import SlideError
+from srmil.wsi.geometry import polygons_mask, polygons_window, read_geojson_polygons
+from srmil.wsi.segment import segment_slide, view_downsample
+from srmil.wsi.slide import SlideError, thumbnail
 from srmil.wsi.tiling import grid_coords, read_tiles, tile_slide, tissue_fractions
 
 
@@ -286,7 +287,7 @@ def test_strips_and_windows_change_nothing(
 
     for path in (cohort.iloc[0].path, special_dir / "slides/pen.tif"):
         with openslide.OpenSlide(str(path)) as slide:
-            rgb = segment.thumbnail(slide, 4.0)
+            rgb = thumbnail(slide, 4.0)
         params = SegmentSettings()
         whole = segment.view_channels(rgb, 2.0, params)
         monkeypatch.setattr(segment, "STRIP_ROWS", 37)
@@ -304,7 +305,7 @@ def test_strips_and_windows_change_nothing(
         ring = (centre + radii * np.c_[np.cos(angles), np.sin(angles)]).round(1).tolist()
         polygon = {"coordinates": [ring + ring[:1]]}
         full = polygons_mask([polygon], shape, 8.0)
-        window = segment.polygons_window([polygon], shape, 8.0)
+        window = polygons_window([polygon], shape, 8.0)
         y0, y1, x0, x1 = window
         part = polygons_mask([polygon], shape, 8.0, window)
         assert np.array_equal(full[y0:y1, x0:x1], part)

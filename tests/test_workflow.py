@@ -17,7 +17,7 @@ import zarr
 from conftest import REPO, snakemake
 
 from srmil.demo import write_slide
-from srmil.wsi.segment import polygons_mask, read_geojson_polygons
+from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 
 # The tiny cohort (TINY), `snakemake` and the session's completed `run` live in conftest.py,
 # shared with test_reruns.py and test_slurm.py.

@@ -4,7 +4,8 @@ and do the patches it attends to lie in the annotated tumour?
 Per slide and epoch we keep the largest attention weight and, for positive slides (those with an
 annotation that covers at least one patch), how many of the top-1, top-5 and highly attended
 (weight >= 0.5) patches are positive. A patch is positive when more than 20% of its area is
-annotated. Summaries pool the counts over slides, so "top-5 positive" is the share of all top-5
+annotated (measured exactly: the area of the patch's square inside the annotation polygons, by
+shapely). Summaries pool the counts over slides, so "top-5 positive" is the share of all top-5
 patches of positive slides that are positive.
 """
 
@@ -20,81 +21,26 @@ import pandas as pd
 
 from srmil.errors import InputError
 from srmil.store import read_json
+from srmil.wsi.geometry import Polygon, covered_fractions, read_geojson_polygons
 
 HIGH_ATTENTION = 0.5  # a weight at least this large means one patch dominates the slide
 POSITIVE_AREA = 0.2  # a patch is positive when more than this share of it is annotated
 TOP_K = (1, 5)
-FINE_PX = 128  # raster side of one patch when re-measured: edges cost under 0.5% of area each
-EDGE_MAX_SIDE = 2048  # longer side of the raster that finds the patches an edge crosses
 
 
 def patch_annotation_fractions(coords_level0: np.ndarray, patch_level0: float,
-                               polygons: list[dict[str, Any]]) -> np.ndarray:
+                               polygons: list[Polygon]) -> np.ndarray:
     """Share of each patch (origin (x, y) in level-0 px, side `patch_level0`) covered by the
-    annotation polygons, to within about 1% of the patch's area.
-
-    A coarse pass (the tiling's summed-area table, 1/16 of a patch side) is exact for patches
-    that no polygon edge crosses; every other patch is measured again on a raster of its own at
-    FINE_PX per side, so the 20% rule is not decided by where the coarse grid happens to fall.
-    """
-    from srmil.wsi.tiling import tissue_fractions
-
-    coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-    if len(coords_level0) == 0 or not polygons:
-        return np.zeros(len(coords_level0))
-    extent = coords_level0.max(axis=0) + int(np.ceil(patch_level0))
-    # The tiling's measure, over the patches' extent instead of the slide's.
-    plan = {"slide_width": int(extent[0]), "slide_height": int(extent[1]),
-            "patch_level0": float(patch_level0)}
-    fractions = tissue_fractions(coords_level0, plan, polygons)
-    rings = [[np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in poly["coordinates"]]
-             for poly in polygons if poly["coordinates"] and len(poly["coordinates"][0])]
-    edge = _crossed_by_an_edge(coords_level0, patch_level0, rings, extent)
-    for i in np.flatnonzero(edge | ((fractions > 0) & (fractions < 1))):
-        fractions[i] = _patch_fraction(coords_level0[i], patch_level0, rings)
-    return fractions
-
-
-def _crossed_by_an_edge(coords_level0: np.ndarray, patch_level0: float,
-                        rings: list[list[np.ndarray]], extent: np.ndarray) -> np.ndarray:
-    """Boolean (N,): patches that a polygon edge may cross (never misses one; may add a few)."""
-    import cv2
-
-    from srmil.wsi.tiling import box_sums
-
-    cell = max(patch_level0 / 4, float(extent.max()) / EDGE_MAX_SIDE)
-    shape = (int(np.ceil(extent[1] / cell)) + 1, int(np.ceil(extent[0] / cell)) + 1)
-    edges = np.zeros(shape, np.uint8)
-    lines = [np.round((r / cell - 0.5) * 16).astype(np.int32) for poly in rings for r in poly]
-    # Three pixels wide, so that an edge that only clips a pixel's corner still marks it.
-    cv2.polylines(edges, lines, True, 1, 3, cv2.LINE_8, 4)
-    x0, y0 = np.floor(coords_level0 / cell).astype(np.int64).T
-    x1, y1 = np.ceil((coords_level0 + patch_level0) / cell).astype(np.int64).T
-    x0, x1 = np.clip(x0, 0, shape[1]), np.clip(x1, 0, shape[1])
-    y0, y1 = np.clip(y0, 0, shape[0]), np.clip(y1, 0, shape[0])
-    return box_sums(edges, x0, y0, x1, y1) > 0
-
-
-def _patch_fraction(origin: np.ndarray, patch_level0: float,
-                    rings: list[list[np.ndarray]]) -> float:
-    """Annotated share of one patch, rasterised at FINE_PX per side with the polygons shifted
-    to the patch's origin (only those whose bounding box reaches the patch)."""
-    from srmil.wsi.segment import polygons_mask
-
-    lo, hi = origin.astype(np.float64), origin + float(patch_level0)
-    near = [{"coordinates": [r - lo for r in poly]} for poly in rings
-            if (poly[0].min(axis=0) < hi).all() and (poly[0].max(axis=0) > lo).all()]
-    if not near:
-        return 0.0
-    return float(polygons_mask(near, (FINE_PX, FINE_PX), patch_level0 / FINE_PX).mean())
+    annotation polygons: the exact area of the patch's square inside them (holes left out,
+    overlapping annotations counted once) over the square's area."""
+    origins = np.asarray(coords_level0, dtype=np.float64).reshape(-1, 2)
+    return covered_fractions(np.c_[origins, origins + float(patch_level0)], polygons)
 
 
 def positive_patches(coords_level0: np.ndarray, patch_level0: float,
                      annotation: str | os.PathLike,
                      min_fraction: float = POSITIVE_AREA) -> np.ndarray:
     """Boolean (N,): patches whose annotated share exceeds `min_fraction`."""
-    from srmil.wsi.segment import read_geojson_polygons
-
     path = Path(annotation)
     if not path.is_file():
         raise InputError(f"{path}: annotation not found; fix its path in the sample sheet or "
@@ -227,15 +173,14 @@ def epoch_summaries(record: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows).astype(float).astype({"epoch": int})
 
 
-
 def attention_logs(models_dir: Path, n_folds: int) -> dict[int, dict[str, Any]]:
+    """Fold -> the attention record train.py wrote for it (folds without one left out)."""
     paths = {k: models_dir / f"fold_{k}.attention.json" for k in range(n_folds)}
     return {k: read_json(p) for k, p in paths.items() if p.is_file()}
 
 
 def last_summary(record: dict[str, Any]) -> dict[str, Any]:
-    from srmil.mil.attention import epoch_summaries
-
+    """The last epoch's summarise_stats numbers (counts as int, undefined shares as None)."""
     table = epoch_summaries(record)
     if table.empty:
         return {}

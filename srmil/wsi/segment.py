@@ -7,42 +7,41 @@ areas (black ink, scanner borders) are found by colour and removed before thresh
 neither become tissue nor pull the Otsu threshold. Every size is given in µm or µm², so a
 setting means the same thing at every resolution.
 
-Polygons are written as GeoJSON in level-0 pixels (QuPath opens them), with a QC overlay.
+Polygons are written as GeoJSON in level-0 pixels (QuPath opens them), with a QC overlay
+(geometry.py and qc.py, which tiling, the attention diagnostics and the heatmaps share).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from srmil import __version__, store
-from srmil.errors import InputError
+from srmil import __version__
 from srmil.settings import SegmentSettings
-from srmil.wsi.slide import level_for_downsample, open_slide, read_region, slide_info, to_rgb
+from srmil.wsi import qc
+from srmil.wsi.geometry import (
+    Polygon,
+    contour_ring,
+    polygon_area,
+    read_geojson_polygons,
+    write_geojson_polygons,
+)
+from srmil.wsi.slide import open_slide, slide_info, thumbnail
 
 log = logging.getLogger(__name__)
 
-# Never hold more than this many pixels per side of a level at once while building the view.
-READ_CHUNK_PX = 2048
 # Contours are traced on the final mask upsampled by up to this factor (bilinear, then 0.5),
 # so outlines follow pixel edges to a fraction of a view pixel instead of pixel centres.
 CONTOUR_SUPERSAMPLE = 4
 CONTOUR_MAX_SIDE = 8192
-# Polygons are rasterised this many times finer, then averaged (see polygons_mask).
-RASTER_SUPERSAMPLE = 4
-RASTER_MAX_SIDE = 16384
 # Glass is never more saturated than this; brighter "glass" is tissue covering the whole slide.
 MAX_GLASS_SATURATION = 30.0
 # The view's HSV and filtered copies are made this many rows at a time.
 STRIP_ROWS = 512
-# QC images are at most this many px on the longer side.
-QC_MAX_SIDE = 2048
 
 
 # --- the view ---------------------------------------------------------------------------------
@@ -55,32 +54,6 @@ def view_downsample(width: int, height: int, mpp: float, params: SegmentSettings
     downsample = min(downsample, max(longer / params.min_view_px, params.min_seg_mpp / mpp))
     downsample = max(downsample, longer / params.max_view_px, 1.0)
     return float(downsample)
-
-
-def thumbnail(slide, downsample: float) -> np.ndarray:
-    """RGB view of the slide at `downsample` (level-0 px per output px), read in bounded chunks
-    from the coarsest level that is not coarser than the view (never upsampled)."""
-    level = level_for_downsample(tuple(slide.level_downsamples), downsample)
-    level_ds = slide.level_downsamples[level]
-    lw, lh = slide.level_dimensions[level]
-    w0, h0 = slide.dimensions
-    out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-    sx, sy = out_w / lw, out_h / lh  # output px per level px, <= 1
-    out = np.empty((out_h, out_w, 3), np.uint8)
-    for y0 in range(0, lh, READ_CHUNK_PX):
-        for x0 in range(0, lw, READ_CHUNK_PX):
-            w, h = min(READ_CHUNK_PX, lw - x0), min(READ_CHUNK_PX, lh - y0)
-            ox0, oy0 = round(x0 * sx), round(y0 * sy)
-            ox1, oy1 = round((x0 + w) * sx), round((y0 + h) * sy)
-            if ox1 <= ox0 or oy1 <= oy0:
-                continue
-            chunk = to_rgb(
-                read_region(slide, (round(x0 * level_ds), round(y0 * level_ds)), level, (w, h))
-            )
-            if chunk.shape[:2] != (oy1 - oy0, ox1 - ox0):
-                chunk = cv2.resize(chunk, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
-            out[oy0:oy1, ox0:ox1] = chunk
-    return out
 
 
 # --- the mask ---------------------------------------------------------------------------------
@@ -191,7 +164,7 @@ def mask_from_channels(
 
 def mask_to_polygons(
     mask: np.ndarray, view_mpp: float, downsample: float, params: SegmentSettings
-) -> list[dict[str, Any]]:
+) -> list[Polygon]:
     """Tissue pieces with their holes as GeoJSON polygons in level-0 px; small pieces dropped,
     small holes filled, at most `max_holes_per_piece` (the largest) kept per piece."""
     factor = max(1, min(CONTOUR_SUPERSAMPLE, CONTOUR_MAX_SIDE // max(mask.shape)))
@@ -221,152 +194,11 @@ def mask_to_polygons(
         area = cv2.contourArea(contour) * px_area_um2 - sum(a for a, _ in holes)
         if area < params.min_tissue_area_um2:
             continue
-        rings = [_ring(contour, scale, outer=True)]
+        rings = [contour_ring(contour, scale, outer=True)]
         for _, j in sorted(holes, key=lambda t: t[1]):  # holes in contour order
-            rings.append(_ring(contours[j], scale, outer=False))
+            rings.append(contour_ring(contours[j], scale, outer=False))
         polygons.append({"type": "Polygon", "coordinates": [r for r in rings if r]})
     return polygons
-
-
-def _ring(contour: np.ndarray, scale: float, outer: bool) -> list[list[float]]:
-    """A closed ring in level-0 px (contour points are pixel centres), wound as RFC 7946 asks:
-    exteriors counter-clockwise, holes clockwise (in x/y as written)."""
-    pts = cv2.approxPolyDP(contour, 0.7, True).reshape(-1, 2)
-    if len(pts) < 3:
-        pts = contour.reshape(-1, 2)
-    xy = (pts.astype(np.float64) + 0.5) * scale
-    area2 = float(np.sum(xy[:, 0] * np.roll(xy[:, 1], -1) - np.roll(xy[:, 0], -1) * xy[:, 1]))
-    if (area2 > 0) != outer:
-        xy = xy[::-1]
-    ring = np.round(xy, 1).tolist()
-    return ring + [ring[0]]
-
-
-# --- polygons in and out ----------------------------------------------------------------------
-
-
-def polygons_mask(
-    polygons: list[dict[str, Any]],
-    shape: tuple[int, int],
-    downsample: float,
-    window: tuple[int, int, int, int] | None = None,
-) -> np.ndarray:
-    """Rasterise level-0 polygons (with holes) to a uint8 0/1 mask of `shape` at `downsample`;
-    vertices keep 1/16 px precision.
-
-    With `window` (y0, y1, x0, x1 in mask px), only that part of the mask is made: the same
-    pixels as the whole mask's when no polygon crosses the window's edges inside the mask
-    (e.g. polygons_window), in the window's memory."""
-    # fillPoly also sets every pixel an edge touches (about half a pixel too much all round):
-    # draw `factor` times finer and keep the pixels that are at least half covered.
-    factor = max(1, min(RASTER_SUPERSAMPLE, RASTER_MAX_SIDE // max(1, *shape)))
-    y0, y1, x0, x1 = window or (0, shape[0], 0, shape[1])
-    if y1 <= y0 or x1 <= x0:
-        return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), np.uint8)
-    fine = np.zeros(((y1 - y0) * factor, (x1 - x0) * factor), np.uint8)
-    # A whole number of fine px in 1/16 px units: the same raster, shifted.
-    shift = np.array([x0, y0], np.int32) * factor * 16
-    for poly in polygons:
-        rings = [r - shift for r in _pixel_rings(poly, downsample / factor)]
-        cv2.fillPoly(fine, rings[:1], 1, cv2.LINE_8, 4)
-        if len(rings) > 1:
-            cv2.fillPoly(fine, rings[1:], 0, cv2.LINE_8, 4)
-    if factor == 1:
-        return fine
-    fine *= 255
-    coarse = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
-    del fine
-    return np.greater_equal(coarse, 128).view(np.uint8)
-
-
-def polygons_window(
-    polygons: list[dict[str, Any]], shape: tuple[int, int], downsample: float
-) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): the part of a `shape` mask at `downsample` that polygons_mask can set,
-    i.e. the polygons' bounding box with 2 px to spare (edge pixels), within the mask."""
-    points = [np.asarray(p["coordinates"][0], np.float64).reshape(-1, 2) for p in polygons
-              if p["coordinates"] and len(p["coordinates"][0])]
-    if not points:
-        return (0, 0, 0, 0)
-    xy = np.concatenate(points) / downsample
-    (x0, y0), (x1, y1) = np.floor(xy.min(0)) - 2, np.ceil(xy.max(0)) + 2
-    ys = np.clip([y0, y1], 0, shape[0]).astype(int)
-    xs = np.clip([x0, x1], 0, shape[1]).astype(int)
-    return int(ys[0]), int(ys[1]), int(xs[0]), int(xs[1])
-
-
-def read_geojson_polygons(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All Polygon / MultiPolygon geometries of a GeoJSON file, as Polygon dicts."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    features = data.get("features", [data]) if isinstance(data, dict) else data
-    polygons = []
-    for feature in features:
-        geom = feature.get("geometry", feature) or {}
-        if geom.get("type") == "Polygon":
-            polygons.append(geom)
-        elif geom.get("type") == "MultiPolygon":
-            polygons.extend({"type": "Polygon", "coordinates": c} for c in geom["coordinates"])
-    return polygons
-
-
-# --- QC ---------------------------------------------------------------------------------------
-
-
-def _pixel_rings(poly: dict[str, Any], downsample: float) -> list[np.ndarray]:
-    return [
-        np.round((np.asarray(r, np.float64) / downsample - 0.5) * 16).astype(np.int32)
-        for r in poly["coordinates"]
-    ]
-
-
-def draw_overlay(
-    rgb: np.ndarray,
-    downsample: float,
-    tissue: list[dict[str, Any]],
-    annotation: list[dict[str, Any]] | None = None,
-    excluded: np.ndarray | None = None,
-) -> np.ndarray:
-    """Thumbnail with tissue outlines (green), holes (blue), excluded ink and black areas
-    (orange) and the tumour annotation (red)."""
-    out = rgb.copy()
-    thick = max(1, round(max(out.shape[:2]) / 500))
-    if excluded is not None and excluded.any():
-        edges = cv2.morphologyEx(excluded, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
-        out[edges > 0] = (255, 140, 0)
-    for poly in tissue:
-        rings = _pixel_rings(poly, downsample)
-        cv2.polylines(out, rings[:1], True, (0, 160, 0), thick, cv2.LINE_AA, 4)
-        cv2.polylines(out, rings[1:], True, (0, 80, 255), thick, cv2.LINE_AA, 4)
-    for poly in annotation or []:
-        cv2.polylines(out, _pixel_rings(poly, downsample), True, (220, 0, 0), thick, cv2.LINE_AA, 4)
-    return out
-
-
-def qc_scale(rgb: np.ndarray, downsample: float) -> tuple[np.ndarray, float]:
-    """The view shrunk to at most QC_MAX_SIDE px, with its downsample."""
-    longer = max(rgb.shape[:2])
-    if longer <= QC_MAX_SIDE:
-        return rgb, downsample
-    f = QC_MAX_SIDE / longer
-    size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))
-    small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    return small, downsample * rgb.shape[1] / size[0]
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 2])
-    if not ok:
-        raise RuntimeError(f"{path}: PNG encoding failed")
-    with store.atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
-
-
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise InputError(f"{path}: not a readable PNG; rerun the segment step for this slide")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -389,7 +221,7 @@ def segment_slide(
         rgb = thumbnail(slide, downsample)
     downsample = info.width / rgb.shape[1]  # the exact scale after rounding the view size
     view_mpp = info.mpp * downsample
-    qc_rgb, qc_downsample = qc_scale(rgb, downsample)
+    qc_rgb, qc_downsample = qc.qc_scale(rgb, downsample)
     sat, value, ink = view_channels(rgb, view_mpp, params)
     small_view = qc_rgb is rgb
     del rgb  # the largest array: free it before the mask's temporaries (QC keeps a copy)
@@ -397,7 +229,7 @@ def segment_slide(
     del sat, value
     polygons = mask_to_polygons(mask, view_mpp, downsample, params)
     del mask
-    tissue_area_um2 = sum(_polygon_area(p) for p in polygons) * info.mpp**2
+    tissue_area_um2 = sum(polygon_area(p) for p in polygons) * info.mpp**2
     if not polygons:
         log.warning("%s: no tissue found; the slide will have no patches", slide_path)
     summary = {
@@ -414,30 +246,9 @@ def segment_slide(
         "params": params.model_dump(),
         "srmil_version": __version__,
     }
-    features = [
-        {
-            "type": "Feature",
-            "geometry": poly,
-            "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
-        }
-        for poly in polygons
-    ]
-    # Compact JSON: outlines have many vertices, and QuPath does not need indentation.
-    collection = {"type": "FeatureCollection", "features": features, "properties": summary}
-    text = json.dumps(collection, sort_keys=True, separators=(",", ":"))
-    store.write_text(out_geojson, text + "\n")
+    write_geojson_polygons(out_geojson, polygons, "Tissue", summary)
     tumour = read_geojson_polygons(annotation) if annotation else None
     if not small_view:
         ink = cv2.resize(ink, qc_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
-    write_png(out_qc_png, draw_overlay(qc_rgb, qc_downsample, polygons, tumour, ink))
+    qc.write_png(out_qc_png, qc.draw_overlay(qc_rgb, qc_downsample, polygons, tumour, ink))
     return summary
-
-
-def _polygon_area(poly: dict[str, Any]) -> float:
-    """Area in level-0 px² (exterior minus holes, shoelace)."""
-    total = 0.0
-    for i, ring in enumerate(poly["coordinates"]):
-        xy = np.asarray(ring, np.float64)
-        a = 0.5 * abs(float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1])))
-        total += a if i == 0 else -a
-    return total

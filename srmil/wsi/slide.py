@@ -1,4 +1,4 @@
-"""Open a slide, resolve its µm/px, and choose pyramid levels by resolution."""
+"""Open a slide, resolve its µm/px, choose pyramid levels by resolution, read a view of it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import numpy as np
 import openslide
 
 from srmil.errors import InputError, one_line
+
+# A view is read in chunks of at most this many px per side of a level.
+READ_CHUNK_PX = 2048
 
 
 class SlideError(InputError):
@@ -133,6 +136,34 @@ def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
     """A whole pyramid level as RGB uint8 (alpha-composited on white)."""
     w, h = slide.level_dimensions[level]
     return to_rgb(read_region(slide, (0, 0), level, (w, h)))
+
+
+def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
+    """RGB view of the slide at `downsample` (level-0 px per output px), read in bounded chunks
+    from the coarsest level that is not coarser than the view (never upsampled)."""
+    import cv2
+
+    level = level_for_downsample(tuple(slide.level_downsamples), downsample)
+    level_ds = slide.level_downsamples[level]
+    lw, lh = slide.level_dimensions[level]
+    w0, h0 = slide.dimensions
+    out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+    sx, sy = out_w / lw, out_h / lh  # output px per level px, <= 1
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for y0 in range(0, lh, READ_CHUNK_PX):
+        for x0 in range(0, lw, READ_CHUNK_PX):
+            w, h = min(READ_CHUNK_PX, lw - x0), min(READ_CHUNK_PX, lh - y0)
+            ox0, oy0 = round(x0 * sx), round(y0 * sy)
+            ox1, oy1 = round((x0 + w) * sx), round((y0 + h) * sy)
+            if ox1 <= ox0 or oy1 <= oy0:
+                continue
+            chunk = to_rgb(
+                read_region(slide, (round(x0 * level_ds), round(y0 * level_ds)), level, (w, h))
+            )
+            if chunk.shape[:2] != (oy1 - oy0, ox1 - ox0):
+                chunk = cv2.resize(chunk, (ox1 - ox0, oy1 - oy0), interpolation=cv2.INTER_AREA)
+            out[oy0:oy1, ox0:ox1] = chunk
+    return out
 
 
 def to_rgb(region) -> np.ndarray:

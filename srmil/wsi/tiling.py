@@ -18,12 +18,22 @@ import numpy as np
 from srmil import __version__, store
 from srmil.errors import InputError
 from srmil.settings import TileSettings
-from srmil.wsi.segment import (
+from srmil.wsi import qc
+from srmil.wsi.geometry import (
+    Polygon,
+    exterior_bounds,
     polygons_mask,
     polygons_window,
     read_geojson_polygons,
 )
-from srmil.wsi.slide import SlideError, SlideInfo, level_for_downsample, open_slide, slide_info
+from srmil.wsi.slide import (
+    SlideError,
+    SlideInfo,
+    level_for_downsample,
+    open_slide,
+    slide_info,
+    thumbnail,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +173,14 @@ def mask_downsample(plan: ReadPlan) -> float:
     return max(plan.patch_level0 / MASK_PX_PER_PATCH, max(w, h) / MAX_MASK_SIDE, 1.0)
 
 
-def tissue_boxes(
-    polygons: list[dict[str, Any]], margin: float
-) -> list[tuple[float, float, float, float]]:
+def tissue_boxes(polygons: list[Polygon], margin: float) -> list[tuple[float, float, float, float]]:
     """Bounding box (x0, y0, x1, y1) of each polygon in level-0 px, grown by `margin`."""
-    boxes = []
-    for poly in polygons:
-        if poly["coordinates"] and len(poly["coordinates"][0]):
-            xy = np.asarray(poly["coordinates"][0], np.float64).reshape(-1, 2)
-            (x0, y0), (x1, y1) = xy.min(0) - margin, xy.max(0) + margin
-            boxes.append((float(x0), float(y0), float(x1), float(y1)))
-    return boxes
+    bounds = exterior_bounds(polygons) + np.array([-margin, -margin, margin, margin])
+    return [tuple(float(v) for v in box) for box in bounds]
 
 
 def tissue_fractions(
-    coords: np.ndarray, plan: ReadPlan, polygons: list[dict[str, Any]]
+    coords: np.ndarray, plan: ReadPlan, polygons: list[Polygon]
 ) -> np.ndarray:
     """Fraction of each patch covered by tissue polygons, from summed-area tables.
 
@@ -228,28 +231,7 @@ def box_sums(
     return sums
 
 
-def draw_tile_grid(
-    qc_rgb: np.ndarray, qc_downsample: float, coords: np.ndarray, patch_level0: float
-) -> np.ndarray:
-    """The QC image with each kept patch outlined in yellow, blended so the outlines under it
-    (tissue, holes, annotation) stay visible; patches under 4 QC px are tinted instead."""
-    import cv2
-
-    layer = np.zeros(qc_rgb.shape[:2], np.uint8)
-    size = patch_level0 / qc_downsample
-    for x, y in np.asarray(coords, np.float64) / qc_downsample:
-        p0 = (round(x * 16), round(y * 16))
-        p1 = (round((x + size) * 16) - 16, round((y + size) * 16) - 16)
-        cv2.rectangle(layer, p0, p1, 1, -1 if size < 4 else 1, cv2.LINE_8, 4)
-    out = qc_rgb.copy()
-    drawn = layer > 0
-    alpha = 0.3 if size < 4 else 0.6
-    tint = np.array([255, 210, 0], np.float32)
-    out[drawn] = np.rint((1 - alpha) * out[drawn] + alpha * tint).astype(np.uint8)
-    return out
-
-
-def skip_reason(plan: ReadPlan, n_grid: int, polygons: list[dict[str, Any]]) -> str:
+def skip_reason(plan: ReadPlan, n_grid: int, polygons: list[Polygon]) -> str:
     """Why a slide has no patches, in words (recorded in its tile set as `skipped`)."""
     if n_grid == 0:
         return (
@@ -306,21 +288,19 @@ def tile_slide(
 def _write_qc(
     slide_path: str | os.PathLike,
     tissue_geojson: str | os.PathLike,
-    polygons: list[dict[str, Any]],
+    polygons: list[Polygon],
     seg_qc_png: str | os.PathLike | None,
     out_qc_png: str | os.PathLike,
     coords: np.ndarray,
     plan: ReadPlan,
 ) -> None:
-    from srmil.wsi.segment import draw_overlay, qc_scale, read_png, thumbnail, write_png
-
     if seg_qc_png is not None:
-        qc = read_png(seg_qc_png)
-        downsample = plan.slide_width / qc.shape[1]
+        image = qc.read_png(seg_qc_png)
+        downsample = plan.slide_width / image.shape[1]
     else:  # no segmentation QC image: draw one on a fresh thumbnail
         summary = store.read_json(tissue_geojson).get("properties", {})
         with open_slide(slide_path) as slide:
             view = thumbnail(slide, float(summary.get("seg_downsample", 32.0)))
-        qc, downsample = qc_scale(view, plan.slide_width / view.shape[1])
-        qc = draw_overlay(qc, downsample, polygons)
-    write_png(out_qc_png, draw_tile_grid(qc, downsample, coords, plan.patch_level0))
+        image, downsample = qc.qc_scale(view, plan.slide_width / view.shape[1])
+        image = qc.draw_overlay(image, downsample, polygons)
+    qc.write_png(out_qc_png, qc.draw_tile_grid(image, downsample, coords, plan.patch_level0))
