@@ -144,9 +144,9 @@ def run_predict(samples: str | os.PathLike, models_dir: str | os.PathLike,
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     if not SNAKEFILE.is_file():
         raise InputError(f"{SNAKEFILE}: the workflow is missing; run srmil from its checkout")
-    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(out),
-               "--cores", str(cores or os.cpu_count() or 1), "--configfile", str(config_path),
-               "predict"]
+    # The target before --configfile, which takes several values.
+    command = [sys.executable, "-m", "snakemake", "predict", "-s", str(SNAKEFILE), "-d", str(out),
+               "--cores", str(cores or os.cpu_count() or 1), "--configfile", str(config_path)]
     if subprocess.run(command).returncode != 0:
         raise InputError(f"{out}: the predict workflow failed; the failed job's log under "
                          f"{out / 'logs'} names the problem")
