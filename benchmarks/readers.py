@@ -53,7 +53,7 @@ _spec.loader.exec_module(bench)
 
 from srmil import store  # noqa: E402
 from srmil.cohort.samples import read_sample_sheet  # noqa: E402
-from srmil.demo import write_demo  # noqa: E402
+from srmil.demo.write import write_demo  # noqa: E402
 from srmil.device import retain_freed_memory  # noqa: E402
 from srmil.features.backbones import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from srmil.features.extract import (  # noqa: E402

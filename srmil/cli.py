@@ -34,7 +34,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from srmil.demo import write_demo
+    from srmil.demo.write import write_demo
 
     sheet = write_demo(
         args.out,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from srmil.cohort.samples import read_sample_sheet
-from srmil.demo import write_demo
+from srmil.demo.write import write_demo
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny: 8 small slides, 2 folds, a few epochs. Same workflow and config keys as the demo.

@@ -129,12 +129,6 @@ def level_for_downsample(level_downsamples: tuple[float, ...], downsample: float
     return max(ok, key=lambda i: level_downsamples[i]) if ok else 0
 
 
-def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
-    """A whole pyramid level as RGB uint8 (alpha-composited on white)."""
-    w, h = slide.level_dimensions[level]
-    return to_rgb(read_region(slide, (0, 0), level, (w, h)))
-
-
 def to_rgb(region) -> np.ndarray:
     """RGBA PIL image from read_region -> RGB uint8 array; transparent areas become white."""
     rgba = np.asarray(region)
