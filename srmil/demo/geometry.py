@@ -65,6 +65,8 @@ BIOPSY = TissueShape(n_pieces=(2, 4), fill=(0.55, 0.85), extent_um=(2000.0, 1500
 
 @dataclass(frozen=True)
 class TumourShape:
+    """Knobs of the tumour regions of positive slides; harder cohorts pass their own."""
+
     fraction: tuple[float, float] = (0.02, 0.05)  # of the tissue area
     n_regions: tuple[int, int] = (1, 3)
     irregularity: float = 0.18
