@@ -240,7 +240,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
-    from srmil import predict
+    from srmil.mil import predict
 
     heatmaps = dict(top_patches=args.top_patches, heatmap_px=args.heatmap_px)
     if args.features_dir:  # stores made by the workflow's stages
@@ -284,7 +284,7 @@ SLIDE_STAGES = ("segment", "tile", "features", "graph")
 def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
     """What a per-slide stage writes in place of its outputs when it fails on bad input under
     --exclude-failed (srmil.cohort.exclusion)."""
-    from srmil import exclusion
+    from srmil.cohort import exclusion
 
     if args.command == "segment":
         exclusion.write_segment_record(args.out, args.qc, reason)
