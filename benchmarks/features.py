@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from srmil.cohort.samples import read_sample_sheet
-from srmil.demo import write_demo
+from srmil.demo.write import write_demo
 from srmil.device import retain_freed_memory
 from srmil.features.backbones import load_backbone
 from srmil.features.extract import (

@@ -52,7 +52,7 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 from srmil.cohort.samples import read_sample_sheet  # noqa: E402
-from srmil.demo import write_demo  # noqa: E402
+from srmil.demo.write import write_demo  # noqa: E402
 from srmil.device import retain_freed_memory  # noqa: E402
 from srmil.features.backbones import Backbone, BackboneSpec, load_backbone  # noqa: E402
 from srmil.features.extract import (  # noqa: E402

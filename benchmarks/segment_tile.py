@@ -28,12 +28,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from srmil import demo
+from srmil.demo.artifacts import Artifacts
+from srmil.demo.geometry import BIOPSY
+from srmil.demo.plan import NEGATIVE, POSITIVE
+from srmil.demo.render import BANDED_MIN_PX, MASK_DOWNSAMPLE
+from srmil.demo.write import write_slide
 from srmil.settings import SegmentSettings
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 
 HERE = Path(__file__).resolve().parent
-MASK_DS = demo.MASK_DOWNSAMPLE
+MASK_DS = MASK_DOWNSAMPLE
 
 
 def cohort(large: tuple[int, int] | None) -> dict[str, dict]:
@@ -45,17 +49,17 @@ def cohort(large: tuple[int, int] | None) -> dict[str, dict]:
             width_px=4096,
             height_px=3072,
             mpp=0.5,
-            artifacts=demo.Artifacts(pen_strokes=3, black_border=True),
+            artifacts=Artifacts(pen_strokes=3, black_border=True),
         ),
         # biopsy fragments within 2 x 1.5 mm on a 4 x 3 mm slide
-        "biopsy": dict(width_px=16384, height_px=12288, mpp=0.25, tissue_shape=demo.BIOPSY),
+        "biopsy": dict(width_px=16384, height_px=12288, mpp=0.25, tissue_shape=BIOPSY),
     }
     if large:
         specs["large_pen"] = dict(
             width_px=large[0],
             height_px=large[1],
             mpp=0.25,
-            artifacts=demo.Artifacts(pen_strokes=2, black_border=True),
+            artifacts=Artifacts(pen_strokes=2, black_border=True),
         )
     return specs
 
@@ -70,12 +74,12 @@ def generate(work: Path, specs: dict[str, dict], only: set[str] | None = None) -
             "slide_id": name,
             "path": f"slides/{name}.svs",
             "patient_id": name,
-            "label": demo.POSITIVE if index % 2 else demo.NEGATIVE,
+            "label": POSITIVE if index % 2 else NEGATIVE,
             "annotation": f"annotations/{name}.geojson" if index % 2 else "",
         }
         t = time.perf_counter()
-        big = spec["width_px"] * spec["height_px"] > demo.BANDED_MIN_PX
-        demo.write_slide(work, row, index, 11, banded=True if big else None, **spec)
+        big = spec["width_px"] * spec["height_px"] > BANDED_MIN_PX
+        write_slide(work, row, index, 11, banded=True if big else None, **spec)
         print(
             f"generated {name} ({spec['width_px']} x {spec['height_px']}) in "
             f"{time.perf_counter() - t:.0f} s",

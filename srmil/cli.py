@@ -32,7 +32,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from srmil.demo import write_demo
+    from srmil.demo.write import write_demo
     from srmil.settings import DemoSettings, section_from_dict
 
     demo = section_from_dict(DemoSettings, {

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from srmil.cohort.samples import read_sample_sheet
-from srmil.demo import write_demo
+from srmil.demo.write import write_demo
 from srmil.wsi.tiling import ReadPlan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ from conftest import REPO, deep_update, snakemake
 
 from srmil.cli import main
 from srmil.cohort.samples import SampleSheetError, check_slide_file
-from srmil.demo import TissueShape, write_slide
+from srmil.demo.geometry import TissueShape
+from srmil.demo.write import write_slide
 from srmil.errors import InputError, one_line
 from srmil.features.backbones import load_backbone
 from srmil.features.extract import extract_features

@@ -13,8 +13,9 @@ from conftest import toy_plan
 from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
-from srmil import demo
 from srmil.cohort.splits import make_splits
+from srmil.demo.plan import NEGATIVE
+from srmil.demo.write import write_slide
 from srmil.errors import InputError
 from srmil.mil.attention import (
     POSITIVE_AREA,
@@ -426,9 +427,9 @@ def test_three_class_roc_has_a_panel_per_class(tmp_path):
 
 
 def test_heatmap_of_a_hand_made_slide(tmp_path):
-    row = {"slide_id": "s", "path": "slides/s.tif", "patient_id": "p", "label": demo.NEGATIVE,
+    row = {"slide_id": "s", "path": "slides/s.tif", "patient_id": "p", "label": NEGATIVE,
            "annotation": ""}
-    demo.write_slide(tmp_path, row, 0, 7, width_px=1024, height_px=768, mpp=0.5)
+    write_slide(tmp_path, row, 0, 7, width_px=1024, height_px=768, mpp=0.5)
     slide = tmp_path / "slides" / "s.tif"
     # Six 128 px patches read at level 0, two rows of three on the grid, over the tissue.
     origin = np.array([384, 256])

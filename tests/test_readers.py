@@ -225,7 +225,7 @@ def test_features_of_a_finer_slide_read_at_the_target(tmp_path: Path) -> None:
     """A 0.25 µm/px slide tiled at 0.5 µm/px: tiles decoded at 1/2 (DCT scaling), features
     close to OpenSlide-read-and-shrink."""
     from srmil.cohort.samples import read_sample_sheet
-    from srmil.demo import write_demo
+    from srmil.demo.write import write_demo
 
     sheet = write_demo(tmp_path / "c", 1, width_px=2048, height_px=1536, mpp=0.25, progress=False)
     slide = read_sample_sheet(sheet).path.iloc[0]

@@ -12,9 +12,13 @@ import pytest
 import tifffile
 import yaml
 
-from srmil import demo, store
+from srmil import store
 from srmil.cli import main as cli_main
 from srmil.cohort.samples import SampleSheetError, read_sample_sheet, segment_overrides
+from srmil.demo.artifacts import Artifacts
+from srmil.demo.geometry import BIOPSY, TissueShape
+from srmil.demo.plan import NEGATIVE
+from srmil.demo.write import write_slide
 from srmil.graph import build_graph
 from srmil.settings import (
     ConfigError,
@@ -65,13 +69,13 @@ def special_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             width_px=2048,
             height_px=1536,
             mpp=0.5,
-            artifacts=demo.Artifacts(pen_strokes=3, black_border=True),
-            tissue_shape=demo.TissueShape(n_pieces=(1, 1), holes_per_piece=(4, 5)),
+            artifacts=Artifacts(pen_strokes=3, black_border=True),
+            tissue_shape=TissueShape(n_pieces=(1, 1), holes_per_piece=(4, 5)),
         ),
-        "biopsy": dict(width_px=3072, height_px=2304, mpp=1.0, tissue_shape=demo.BIOPSY),
+        "biopsy": dict(width_px=3072, height_px=2304, mpp=1.0, tissue_shape=BIOPSY),
         "nompp": dict(width_px=1024, height_px=768, mpp=0.5, file_mpp=False),
         "empty": dict(
-            width_px=1024, height_px=768, mpp=0.5, tissue_shape=demo.TissueShape(n_pieces=(0, 0))
+            width_px=1024, height_px=768, mpp=0.5, tissue_shape=TissueShape(n_pieces=(0, 0))
         ),
     }
     for index, (name, spec) in enumerate(specs.items()):
@@ -79,10 +83,10 @@ def special_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "slide_id": name,
             "path": f"slides/{name}.tif",
             "patient_id": name,
-            "label": demo.NEGATIVE,
+            "label": NEGATIVE,
             "annotation": "",
         }
-        demo.write_slide(out, row, index, 7, **spec)
+        write_slide(out, row, index, 7, **spec)
     return out
 
 

@@ -266,7 +266,7 @@ def demo_cohort(tmp_path_factory):
     them, embedded by a randomly initialised resnet18 at 64 x 64 px to keep the CPU time low.
     """
     from srmil.cohort.samples import read_sample_sheet
-    from srmil.demo import write_demo
+    from srmil.demo.write import write_demo
     from srmil.features.backbones import load_backbone
     from srmil.features.extract import extract_features
     from srmil.graph import build_graph

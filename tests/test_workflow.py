@@ -16,7 +16,7 @@ import torch
 import zarr
 from conftest import REPO, snakemake
 
-from srmil.demo import write_slide
+from srmil.demo.write import write_slide
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 
 # The tiny cohort (TINY), `snakemake` and the session's completed `run` live in conftest.py,

@@ -141,14 +141,6 @@ def saturation_threshold(
     return int(max(thr, floor))
 
 
-def tissue_mask(
-    rgb: np.ndarray, view_mpp: float, params: SegmentSettings
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tissue, excluded ink) uint8 0/1 masks of an RGB view whose pixels are `view_mpp` µm."""
-    sat, value, ink = view_channels(rgb, view_mpp, params)
-    return mask_from_channels(sat, value, ink, view_mpp, params), ink
-
-
 def mask_from_channels(
     sat: np.ndarray, value: np.ndarray, ink: np.ndarray, view_mpp: float, params: SegmentSettings
 ) -> np.ndarray:

@@ -132,12 +132,6 @@ def level_for_downsample(level_downsamples: tuple[float, ...], downsample: float
     return max(ok, key=lambda i: level_downsamples[i]) if ok else 0
 
 
-def read_level(slide: openslide.OpenSlide, level: int) -> np.ndarray:
-    """A whole pyramid level as RGB uint8 (alpha-composited on white)."""
-    w, h = slide.level_dimensions[level]
-    return to_rgb(read_region(slide, (0, 0), level, (w, h)))
-
-
 def thumbnail(slide: openslide.OpenSlide, downsample: float) -> np.ndarray:
     """RGB view of the slide at `downsample` (level-0 px per output px), read in bounded chunks
     from the coarsest level that is not coarser than the view (never upsampled)."""

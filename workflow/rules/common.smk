@@ -9,7 +9,7 @@ from snakemake.utils import validate
 
 from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
 from srmil.cohort.splits import fold_count, make_splits, read_split_file
-from srmil.demo import planned_sheet
+from srmil.demo.plan import planned_sheet
 from srmil.errors import InputError
 from srmil.mil.catalog import inherited_settings
 from srmil.store import fold_checkpoints
