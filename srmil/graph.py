@@ -64,28 +64,35 @@ def grid_edges(coords_level0: np.ndarray, stride_level0: float, window: int = 2,
     n = len(coords)
     if n == 0:
         return np.zeros((2, 0), dtype=np.int64)
-
-    cells = np.rint(coords / stride_level0).astype(np.int64)
-    reach = int(np.abs(offsets).max())
-    # Shift cells so that every queried neighbour (cell + offset) has non-negative coordinates and
-    # a column inside [0, width): then key = i * width + j is unique and never aliases across rows.
-    i = cells[:, 0] - cells[:, 0].min() + reach
-    j = cells[:, 1] - cells[:, 1].min() + reach
-    width = int(j.max()) + reach + 1
-    keys = i * width + j
-
+    keys, width = _cell_keys(coords, stride_level0, int(np.abs(offsets).max()))
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     if n > 1 and np.any(sorted_keys[1:] == sorted_keys[:-1]):
         dup = order[np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])[0]]
         raise ValueError(f"patches share a grid cell (e.g. patch {dup} at {coords[dup].tolist()}): "
                          f"coords are not aligned to a grid of stride {stride_level0}")
+    return _sorted_edges(_neighbour_ranks(sorted_keys, offsets, width), order)
 
+
+def _cell_keys(coords: np.ndarray, stride_level0: float, reach: int) -> tuple[np.ndarray, int]:
+    """One int64 key per patch, i * width + j for its grid cell (i, j), and the width."""
+    cells = np.rint(coords / stride_level0).astype(np.int64)
+    # Shift cells so that every queried neighbour (cell + offset) has non-negative coordinates and
+    # a column inside [0, width): then key = i * width + j is unique and never aliases across rows.
+    i = cells[:, 0] - cells[:, 0].min() + reach
+    j = cells[:, 1] - cells[:, 1].min() + reach
+    width = int(j.max()) + reach + 1
+    return i * width + j, width
+
+
+def _neighbour_ranks(sorted_keys: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:
+    """by_rank[k, r]: the sorted position of the neighbour at offsets[k] of the r-th patch in
+    key order, n where there is none."""
     # Cells with the same dx lie in one grid row, at consecutive keys. Per dx, one searchsorted
     # finds for every patch (taken in sorted-key order, so memory access stays sequential) the
     # first key >= its leftmost neighbour; walking dy upwards, that pointer moves forward by one
     # exactly on a match, so each further offset costs a gather and a compare, not a search.
-    # by_rank[k, r]: sorted position of the neighbour at offsets[k] of the r-th patch, n if none.
+    n = len(sorted_keys)
     index_dtype = np.int32 if n < 2**31 - 1 else np.int64
     by_rank = np.empty((len(offsets), n), dtype=index_dtype)
     wanted = {(int(dx), int(dy)): k for k, (dx, dy) in enumerate(offsets)}
@@ -110,7 +117,14 @@ def grid_edges(coords_level0: np.ndarray, stride_level0: float, window: int = 2,
                 by_rank[wanted[(dx, dy)]] = gap
             pointer += hit
             target += 1
+    return by_rank
 
+
+def _sorted_edges(by_rank: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The (2, E) edges, sorted by (source, target), from `_neighbour_ranks`' table (modified
+    in place) and the patches' key order."""
+    n = len(order)
+    index_dtype = by_rank.dtype
     # Sorted positions -> patch indices (n stays n), then one row per patch: neighbours[node, k].
     # Tilers emit patches in raster order, where the two coincide and the relabelling is skipped.
     if np.array_equal(order, np.arange(n)):
@@ -119,7 +133,7 @@ def grid_edges(coords_level0: np.ndarray, stride_level0: float, window: int = 2,
         rank_to_node = np.append(order, n).astype(index_dtype)
         for row in by_rank:
             row[:] = rank_to_node[row]
-        neighbours = np.empty((n, len(offsets)), dtype=index_dtype)
+        neighbours = np.empty((n, len(by_rank)), dtype=index_dtype)
         neighbours[order] = by_rank.T
     del by_rank
 

@@ -14,9 +14,10 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -132,6 +133,67 @@ def _json_default(obj: Any) -> Any:
 # --- Zarr stores: features and graphs ------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """What made a feature store, kept as its attributes (`attrs`, `from_attrs`): the versions,
+    the extractor with its backbone and weights, the tiling it embedded, how the patches were
+    read and on what device. Its MODEL_KEYS part goes into every model file (`for_model`), and
+    new slides' stores are checked against it before a model predicts them."""
+
+    srmil_version: str | None = None
+    torch_version: str | None = None
+    timm_version: str | None = None
+    extractor: str | None = None
+    backbone: dict[str, Any] | None = None  # the backbone spec (name, weights source, ...)
+    weights_hash: str | None = None
+    feature_dim: int | None = None
+    n_patches: int | None = None
+    skipped: str | None = None  # why the bag is empty (tiling's reason), carried to metrics.json
+    slide: str | None = None  # the file's name
+    mpp: float | None = None  # µm/px of the patches (the tiling's target)
+    slide_mpp: float | None = None
+    patch_px: int | None = None
+    stride_px: int | None = None
+    patch_level0: float | None = None
+    stride_level0: float | None = None
+    read_level: int | None = None
+    read_px: int | None = None
+    read_block: int | None = None
+    reader: dict[str, Any] | None = None
+    transforms: dict[str, Any] | None = None
+    device: str | None = None
+    amp: str | None = None
+    dtype: str | None = None
+
+    # What a model must be given again: the same extractor and weights, on the same tiling.
+    MODEL_KEYS: ClassVar[tuple[str, ...]] = (
+        "extractor", "backbone", "weights_hash", "feature_dim", "mpp", "patch_px", "stride_px",
+        "patch_level0", "stride_level0", "dtype", "srmil_version",
+    )  # fmt: skip
+    TILE_KEYS: ClassVar[tuple[str, ...]] = ("mpp", "patch_px", "stride_px")
+
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes (`skipped` only when the bag is empty)."""
+        attrs = asdict(self)
+        if self.skipped is None:
+            del attrs["skipped"]
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureProvenance:
+        """From a store's attributes or a model's `provenance.features`; other keys (the
+        completeness flag, an exclusion record's) are not provenance and are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in attrs.items() if key in names})
+
+    def for_model(self) -> dict[str, Any]:
+        """The MODEL_KEYS part that is known, for a model file's `provenance.features`."""
+        return {key: getattr(self, key) for key in self.MODEL_KEYS
+                if getattr(self, key) is not None}
+
+
+
+
 def write_feature_store(
     path: str | os.PathLike,
     features: np.ndarray,
@@ -239,6 +301,20 @@ def fold_checkpoints(models_dir: str | os.PathLike) -> list[Path]:
                          "config.yaml")
     return paths
 
+
+
+def save_state_dict(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a plain tensor checkpoint (a state dict), atomically. Equal tensors give equal bytes:
+    torch.save names the archive's folder after the file it writes to, so it writes to memory
+    under one name, not to the (randomly named) temporary."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Any]:

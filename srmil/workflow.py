@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from srmil.errors import InputError
 from srmil.mil.catalog import MODELS
-from srmil.store import read_json
+from srmil.store import atomic_path, read_json
 
 # Resident memory of a training job (docs/method.md, "Memory"), in MiB. One SRMIL step (forward,
 # backward, AdamW) on a 100k-patch bag measured 7.1 GiB above the process's start at D = 512 and
@@ -93,15 +94,15 @@ def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
     trained = model_extractor(meta, models_dir)
     cfg = json.loads(json.dumps(config or {}))  # a copy
     cfg.setdefault("seed", meta.get("seed", 0))  # random-initialisation backbones depend on it
-    spec = cfg.setdefault("backbones", {}).setdefault(name, trained["backbone"])
+    spec = cfg.setdefault("backbones", {}).setdefault(name, trained.backbone)
     cfg["features"] = {**cfg.get("features", {}), "extractors": [name]}
     tile = cfg.setdefault("tile", {})
-    for key, value in (("target_mpp", trained["mpp"]), ("patch_px", trained["patch_px"])):
+    for key, value in (("target_mpp", trained.mpp), ("patch_px", trained.patch_px)):
         if float(tile.setdefault(key, value)) != float(value):
             raise PredictError(f"tile.{key}: {tile[key]} in the config, but the model in "
                                f"{models_dir} was trained on {value}; leave it out or set it")
     if "stride_px" not in tile and "overlap_px" not in tile:
-        tile["stride_px"] = trained["stride_px"]
+        tile["stride_px"] = trained.stride_px
     window = model_graph(meta).get("window")
     if window is not None and int(cfg.setdefault("graph", {}).setdefault("window", window)) != int(
             window):
@@ -109,11 +110,11 @@ def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
                            f"in {models_dir} was trained on graphs with window={window}; set "
                            f"graph.window: {window} or leave it out")
     weights = load_backbone(spec, seed=int(cfg["seed"])).weights_hash
-    if weights != trained["weights_hash"]:
+    if weights != trained.weights_hash:
         raise PredictError(
             f"backbone {spec.get('model')!r} (extractor {name!r}) has weights {weights[:12]}, "
             f"but the model in {models_dir} was trained on weights "
-            f"{trained['weights_hash'][:12]}; use the backbone the model was trained on")
+            f"{trained.weights_hash[:12]}; use the backbone the model was trained on")
     cfg["predict"] = {**cfg.get("predict", {}), "samples": str(Path(samples).resolve()),
                       "models_dir": str(Path(models_dir).resolve()), "model": meta["model"],
                       "extractor": name, "heatmaps": heatmaps}
@@ -125,8 +126,8 @@ def run_predict(samples: str | os.PathLike, models_dir: str | os.PathLike,
                 extractor: str | None = None, cores: int | None = None, heatmaps: bool = True,
                 device: str | None = None, threads: int | None = None) -> Any:
     """New slides through the workflow's `predict` target (the cohort's own stage rules), run by
-    Snakemake in `out_dir`: results/predict/{model}/{extractor}/predictions.csv and heatmaps/,
-    every stage's output and log beside them, reused by a rerun. Returns the predictions."""
+    Snakemake in `out_dir`: predictions.csv and heatmaps/ at its top, every stage's output and log
+    under results/ and logs/, reused by a rerun. Returns the predictions."""
     import pandas as pd
 
     from srmil.settings import load_settings
@@ -150,6 +151,14 @@ def run_predict(samples: str | os.PathLike, models_dir: str | os.PathLike,
     if subprocess.run(command).returncode != 0:
         raise InputError(f"{out}: the predict workflow failed; the failed job's log under "
                          f"{out / 'logs'} names the problem")
+    # The results at the top of out_dir, where a user looks; the workflow's copy stays for reruns.
     result = out / "results/predict" / settings.predict.model / settings.predict.extractor
-    print(f"srmil predict: {result / 'predictions.csv'}")
-    return pd.read_csv(result / "predictions.csv")
+    with atomic_path(out / "predictions.csv") as tmp:
+        shutil.copyfile(result / "predictions.csv", tmp)
+    with atomic_path(out / "heatmaps") as tmp:
+        if (result / "heatmaps").is_dir():
+            shutil.copytree(result / "heatmaps", tmp)
+        else:
+            tmp.mkdir()
+    print(f"srmil predict: {out / 'predictions.csv'}")
+    return pd.read_csv(out / "predictions.csv")

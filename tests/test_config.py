@@ -197,3 +197,20 @@ def test_command_line_strings_are_read_as_their_types(tmp_path: Path) -> None:
     config["tile"]["patch_px"] = "big"
     with pytest.raises(ConfigError, match=r"tile\.patch_px: 'big' is not valid"):
         load_settings(config)
+
+
+def test_parsing_the_workflow_imports_no_torch_opencv_or_tifffile(tmp_path: Path) -> None:
+    """Every Snakemake start and every cluster job parses the workflow: `snakemake -n` on the
+    demo (its sheet planned, its slides not written yet) stays clear of the heavy libraries."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "snakemake", "-s", str(REPO / "Snakefile"),
+         "-n", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "srmil.settings" in imported and "srmil.cohort.splits" in imported
+    assert not imported & {"torch", "cv2", "tifffile", "sklearn", "timm", "zarr"}

@@ -28,6 +28,7 @@ from srmil.features.extract import (
     split_chunks,
     usable_cpus,
 )
+from srmil.store import FeatureProvenance
 from srmil.wsi.segment import segment_slide
 from srmil.wsi.slide import open_slide, to_rgb
 from srmil.wsi.tiling import read_tiles, tile_slide
@@ -95,6 +96,11 @@ def test_store_layout_and_provenance(tiles: tuple[str, Path], resnet18_store: Pa
     assert attrs["backbone"]["model"] == "resnet18" and attrs["mpp"] == plan.target_mpp
     assert attrs["transforms"]["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN)
     assert np.isfinite(features[...].astype(np.float32)).all()
+    # Every attribute but the completeness flag is a field of the typed provenance, and back.
+    provenance = FeatureProvenance.from_attrs(attrs)
+    assert provenance.attrs() == {k: v for k, v in attrs.items() if k != "srmil_complete"}
+    assert provenance.patch_level0 == plan.patch_level0 and provenance.skipped is None
+    assert list(provenance.for_model()) == list(FeatureProvenance.MODEL_KEYS)
 
 
 def test_store_reads_through_fsspec_urls(resnet18_store: Path) -> None:

@@ -166,6 +166,8 @@ def test_training_is_deterministic(cohort, tmp_path):
     state_b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    # The files too, whatever their names: a rerun's checkpoint is byte for byte the same.
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
     assert first["selected_epoch"] == second["selected_epoch"]
     assert not torch.are_deterministic_algorithms_enabled()  # global flag restored

@@ -43,6 +43,34 @@ def read_sample_sheet(
     stripped of surrounding whitespace (`P0 ` is patient `P0`).
     """
     sheet = Path(path)
+    df = _read_csv(sheet, require_labels)
+    _check_ids(sheet, df)
+    _check_labels(sheet, df, require_labels, classes)
+    df["patient_id"] = df["patient_id"].where(df["patient_id"] != "", df["slide_id"])
+    if require_labels:
+        labels_per_patient = df.groupby("patient_id")["label"].nunique()
+        mixed = labels_per_patient[labels_per_patient > 1]
+        if len(mixed):
+            raise SampleSheetError(
+                f"{sheet}: patient {mixed.index[0]!r} has slides with different "
+                "labels; give each patient one label"
+            )
+
+    base = sheet.resolve().parent
+    df["path"] = [str(_resolve(base, p)) for p in df["path"]]
+    df["annotation"] = [str(_resolve(base, p)) if p else "" for p in df["annotation"]]
+    df["mpp"] = [
+        _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
+    ]
+    _check_segment_overrides(sheet, df)
+    if check_files:
+        for row in df.itertuples():
+            check_row_files(row, sheet)
+    return df.reset_index(drop=True)
+
+
+def _read_csv(sheet: Path, require_labels: bool) -> pd.DataFrame:
+    """The sheet's cells as stripped text, with every optional column present."""
     if not sheet.is_file():
         raise SampleSheetError(
             f"{sheet}: sample sheet not found; pass an existing CSV with --config samples=PATH"
@@ -69,7 +97,11 @@ def read_sample_sheet(
             df[col] = ""
     # Every column is read as text; pandas 3 types it StringDtype (not object), so strip all.
     df = df.apply(lambda s: s.str.strip())
+    return df
 
+
+def _check_ids(sheet: Path, df: pd.DataFrame) -> None:
+    """Slide ids that are portable file names and wildcards, unique even without case."""
     bad = df.loc[~df["slide_id"].map(lambda s: bool(SLIDE_ID.match(s))), "slide_id"]
     if len(bad):
         raise SampleSheetError(
@@ -89,6 +121,12 @@ def read_sample_sheet(
             f"{sheet}: slide ids {twins[0]!r} and {twins[1]!r} differ only in case, which "
             "collides on case-insensitive file systems; rename one of them"
         )
+
+
+def _check_labels(sheet: Path, df: pd.DataFrame, require_labels: bool,
+                  classes: list[str] | None) -> None:
+    """Labels that are filled (if required), not a spreadsheet's missing value, and one of
+    `classes` (or, without them, not case variants of each other)."""
     placeholder = df["label"].str.lower().isin(MISSING_LABELS)
     if placeholder.any():
         row = df.loc[placeholder].iloc[0]
@@ -112,27 +150,6 @@ def read_sample_sheet(
             )
     else:
         _check_case_variants(sheet, df["label"])
-    df["patient_id"] = df["patient_id"].where(df["patient_id"] != "", df["slide_id"])
-    if require_labels:
-        labels_per_patient = df.groupby("patient_id")["label"].nunique()
-        mixed = labels_per_patient[labels_per_patient > 1]
-        if len(mixed):
-            raise SampleSheetError(
-                f"{sheet}: patient {mixed.index[0]!r} has slides with different "
-                "labels; give each patient one label"
-            )
-
-    base = sheet.resolve().parent
-    df["path"] = [str(_resolve(base, p)) for p in df["path"]]
-    df["annotation"] = [str(_resolve(base, p)) if p else "" for p in df["annotation"]]
-    df["mpp"] = [
-        _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
-    ]
-    _check_segment_overrides(sheet, df)
-    if check_files:
-        for row in df.itertuples():
-            check_row_files(row, sheet)
-    return df.reset_index(drop=True)
 
 
 def check_row_files(row: Any, sheet: str | os.PathLike = "the sample sheet") -> None:

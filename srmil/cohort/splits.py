@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
 from srmil.errors import InputError
 
@@ -26,21 +25,11 @@ def make_splits(samples: pd.DataFrame, n_folds: int = 3, val_fraction: float = 0
     and the validation patients are drawn per class from each fold's training patients. The result
     depends only on the patients, labels and seed, not on the row order of `samples`.
     """
-    if n_folds < 2:
-        raise InputError(f"n_folds={n_folds}: cross-validation needs at least 2 folds")
-    if not 0 <= val_fraction < 1:
-        raise InputError(f"val_fraction={val_fraction}: must be in [0, 1)")
-    patients = _patient_labels(samples)
-    classes = sorted(patients.unique())
-    if len(classes) < 2:
-        raise InputError(f"only one class ({classes[0]!r}) in the sample sheet; a classifier "
-                         "needs at least two labels")
-    per_class = patients.value_counts()
-    if per_class.min() < n_folds:
-        label = per_class.idxmin()
-        raise InputError(f"class {label!r} has {per_class.min()} patient(s), fewer than "
-                         f"n_folds={n_folds}; use fewer folds or add patients")
+    # Imported here: the workflow's parse checks the cohort only (check_cohort), without sklearn.
+    from sklearn.model_selection import StratifiedKFold
 
+    patients = check_cohort(samples, n_folds, val_fraction)
+    classes = sorted(patients.unique())
     slides_of = samples.groupby("patient_id")["slide_id"].apply(sorted)
     kfold = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     rng = np.random.default_rng(seed)
@@ -57,6 +46,26 @@ def make_splits(samples: pd.DataFrame, n_folds: int = 3, val_fraction: float = 0
                       for name, pats in parts.items()})
     return {"classes": classes, "n_folds": n_folds, "seed": seed, "val_fraction": val_fraction,
             "folds": folds}
+
+
+def check_cohort(samples: pd.DataFrame, n_folds: int, val_fraction: float) -> pd.Series:
+    """The patients' labels (indexed by sorted patient id) if `make_splits` can split them into
+    `n_folds`, else an InputError saying why (one class, fewer patients of a class than folds)."""
+    if n_folds < 2:
+        raise InputError(f"n_folds={n_folds}: cross-validation needs at least 2 folds")
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    patients = _patient_labels(samples)
+    classes = sorted(patients.unique())
+    if len(classes) < 2:
+        raise InputError(f"only one class ({classes[0]!r}) in the sample sheet; a classifier "
+                         "needs at least two labels")
+    per_class = patients.value_counts()
+    if per_class.min() < n_folds:
+        label = per_class.idxmin()
+        raise InputError(f"class {label!r} has {per_class.min()} patient(s), fewer than "
+                         f"n_folds={n_folds}; use fewer folds or add patients")
+    return patients
 
 
 PARTS = ("train", "val", "test")

@@ -386,56 +386,46 @@ def extract_features(
 
     try:
         autocast = amp_dtype(dev, amp)  # may initialise CUDA: after the readers are forked
-        if dev.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input shape: fastest kernels, once
-        model = backbone.model.to(dev).to(memory_format=torch.channels_last)
-        # Rows land by tile index, so the store keeps the tile order whatever the read order.
-        features = torch.empty((len(coords), backbone.feature_dim), device=dev)
-        name = os.path.basename(slide_path)
-        bar = tqdm(total=len(coords), desc=f"features {name}", unit="patch", disable=not progress)
-        with torch.inference_mode(), bar:
-            for x, idx in iterate_batches(readers, batches, dev, decode):
-                x = preprocess(x, backbone.data_config)
-                with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
-                    features[idx] = model(x).float()
-                bar.update(len(idx))
-            result = features.cpu().numpy()  # the one device-to-host copy, and the sync point
+        bar = tqdm(total=len(coords), desc=f"features {os.path.basename(slide_path)}",
+                   unit="patch", disable=not progress)
+        with bar:
+            result = _embed(backbone, iterate_batches(readers, batches, dev, decode), len(coords),
+                            dev, autocast, bar)
     finally:
         readers.close()
     seconds = time.perf_counter() - start
-    attrs = {
-        "srmil_version": __version__,
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "extractor": extractor,
-        "backbone": spec_dict(backbone.spec),
-        "weights_hash": backbone.weights_hash,
-        "feature_dim": backbone.feature_dim,
-        "n_patches": int(len(coords)),
-        # why the bag is empty (tiling's reason), carried on to metrics.json
-        **({"skipped": plan.skipped} if plan.skipped else {}),
-        "slide": os.path.basename(slide_path),
-        "mpp": plan.target_mpp,
-        "slide_mpp": plan.slide_mpp,
-        "patch_px": plan.patch_px,
-        "stride_px": plan.stride_px,
-        "patch_level0": plan.patch_level0,
-        "stride_level0": plan.stride_level0,
-        "read_level": plan.level,
-        "read_px": plan.read_px,
-        "read_block": block,
-        "reader": choice.provenance(gpu=gpu_decode),
-        "transforms": {
+    provenance = store.FeatureProvenance(
+        srmil_version=__version__,
+        torch_version=torch.__version__,
+        timm_version=timm.__version__,
+        extractor=extractor,
+        backbone=spec_dict(backbone.spec),
+        weights_hash=backbone.weights_hash,
+        feature_dim=backbone.feature_dim,
+        n_patches=int(len(coords)),
+        skipped=plan.skipped or None,
+        slide=os.path.basename(slide_path),
+        mpp=plan.target_mpp,
+        slide_mpp=plan.slide_mpp,
+        patch_px=plan.patch_px,
+        stride_px=plan.stride_px,
+        patch_level0=plan.patch_level0,
+        stride_level0=plan.stride_level0,
+        read_level=plan.level,
+        read_px=plan.read_px,
+        read_block=block,
+        reader=choice.provenance(gpu=gpu_decode),
+        transforms={
             **backbone.data_config,
             "steps": "read RGB at read_level (INTER_AREA to patch_px if larger), resize to "
             "input_size with `interpolation` (antialiased) if different, no crop, "
             "(x/255 - mean)/std",
         },
-        "device": dev.type,
-        "amp": str(autocast).replace("torch.", "") if autocast else "none",
-        "dtype": dtype,
-    }
-    store.write_feature_store(out_path, result, coords, attrs, dtype=dtype)
+        device=dev.type,
+        amp=str(autocast).replace("torch.", "") if autocast else "none",
+        dtype=dtype,
+    )
+    store.write_feature_store(out_path, result, coords, provenance.attrs(), dtype=dtype)
     rate = len(coords) / seconds if seconds > 0 else 0.0
     log.info(
         "features: %d patches in %.1f s (%.1f patches/s) on %s, %s, batch %d, %d reader(s), %s",
@@ -443,10 +433,10 @@ def extract_features(
         seconds,
         rate,
         dev,
-        attrs["amp"],
+        provenance.amp,
         batch_size,
         workers or 1,
-        attrs["reader"]["decoder"],
+        provenance.reader["decoder"],
     )
     return {
         "n_patches": len(coords),
@@ -455,6 +445,24 @@ def extract_features(
         "workers": workers,
         "reader": choice.name,
     }
+
+
+def _embed(backbone: Backbone, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int,
+           dev: torch.device, autocast: torch.dtype | None, bar: tqdm) -> np.ndarray:
+    """The backbone's features of the `n` patches that `batches` yields (uint8 images and their
+    tile indices), as an n x D float32 array in tile order."""
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shape: fastest kernels, once
+    model = backbone.model.to(dev).to(memory_format=torch.channels_last)
+    # Rows land by tile index, so the store keeps the tile order whatever the read order.
+    features = torch.empty((n, backbone.feature_dim), device=dev)
+    with torch.inference_mode():
+        for x, idx in batches:
+            x = preprocess(x, backbone.data_config)
+            with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+                features[idx] = model(x).float()
+            bar.update(len(idx))
+        return features.cpu().numpy()  # the one device-to-host copy, and the sync point
 
 
 def pick_reader(

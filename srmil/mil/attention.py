@@ -122,9 +122,10 @@ class AttentionRecorder:
         positive = {}
         for bag in bags:
             annotation = annotation_of.get(bag.slide_id, "")
-            if not annotation or "patch_level0" not in bag.attrs:
+            patch_level0 = bag.provenance.patch_level0
+            if not annotation or patch_level0 is None:
                 continue
-            flags = positive_patches(bag.coords, float(bag.attrs["patch_level0"]), annotation)
+            flags = positive_patches(bag.coords, float(patch_level0), annotation)
             if flags.any():  # slides without a positive patch are negatives for the figure
                 positive[bag.slide_id] = flags
         return cls([bag.slide_id for bag in bags], positive)

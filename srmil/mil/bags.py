@@ -12,7 +12,7 @@ import torch
 
 from srmil.cohort.exclusion import EXCLUDED, SlideExcluded
 from srmil.errors import InputError
-from srmil.store import read_feature_store, read_graph_store
+from srmil.store import FeatureProvenance, read_feature_store, read_graph_store
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Bag:
     def excluded(self) -> str | None:
         """Why the slide was left out (srmil.cohort.exclusion), or None."""
         return self.attrs.get(EXCLUDED) or self.graph_attrs.get(EXCLUDED)
+
+    @property
+    def provenance(self) -> FeatureProvenance:
+        """What made the features (the feature store's attributes, typed)."""
+        return FeatureProvenance.from_attrs(self.attrs)
 
     def to(self, device: torch.device | str) -> Bag:
         return Bag(self.slide_id, self.x.to(device), self.edge_index.to(device), self.coords,

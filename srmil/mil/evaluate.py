@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from srmil.cohort.exclusion import excluded_slides
+from srmil.device import torch_threads
 from srmil.errors import InputError
 from srmil.mil.attention import attention_logs, last_summary
 from srmil.mil.bags import Bag, load_bag
@@ -53,28 +54,13 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
 
     Returns the metrics written to metrics.json.
     """
-    from srmil.mil.train import torch_threads  # imported here: train imports this module
-
     models_dir, out_dir = Path(models_dir), Path(out_dir)
     classes = list(splits["classes"])
     n_folds = len(splits["folds"])
-    predictions, per_fold, skipped, attention = [], [], [], {}
     with torch_threads(threads):
-        for k, membership in enumerate(splits["folds"]):
-            rows, empty, fold_attention = _predict_fold(
-                model_name, models_dir / f"fold_{k}.pt", k, membership, classes, samples,
-                features_dir, graphs_dir, device, exclude_failed)
-            table = pd.DataFrame(rows)
-            y, probs = labels_and_probs(table, classes)
-            groups = table["patient_id"].tolist() if len(table) else None
-            per_fold.append({"fold": k, "n_slides": len(rows),
-                             **classification_metrics(y, probs, len(classes)),
-                             "ci": bootstrap_intervals(y, probs, len(classes), groups,
-                                                       n_bootstrap, ci_level, seed + k)})
-            predictions += rows
-            skipped += empty
-            attention.update(fold_attention)
-
+        predictions, per_fold, skipped, attention = _predict_folds(
+            model_name, models_dir, splits, samples, features_dir, graphs_dir, device,
+            exclude_failed, n_bootstrap, ci_level, seed)
     table = pd.DataFrame(predictions)
     y_all, p_all = labels_and_probs(table, classes)
     groups = table["patient_id"].tolist() if len(table) else None
@@ -114,6 +100,31 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
         write_heatmaps(shown, attention, samples, tiles_dir, out_dir / "heatmaps", model_name,
                        classes, top_patches, heatmap_px)
     return metrics
+
+
+def _predict_folds(model_name: str, models_dir: Path, splits: dict, samples: pd.DataFrame,
+                   features_dir: str | os.PathLike, graphs_dir: str | os.PathLike, device: str,
+                   exclude_failed: bool, n_bootstrap: int, ci_level: float,
+                   seed: int) -> tuple[list[dict], list[dict], list[str], dict[str, Any]]:
+    """Each fold's model on its test slides: the prediction rows of all folds, each fold's
+    metrics with bootstrap intervals, the slides without patches, and the attention."""
+    classes = list(splits["classes"])
+    predictions, per_fold, skipped, attention = [], [], [], {}
+    for k, membership in enumerate(splits["folds"]):
+        rows, empty, fold_attention = _predict_fold(
+            model_name, models_dir / f"fold_{k}.pt", k, membership, classes, samples,
+            features_dir, graphs_dir, device, exclude_failed)
+        table = pd.DataFrame(rows)
+        y, probs = labels_and_probs(table, classes)
+        groups = table["patient_id"].tolist() if len(table) else None
+        per_fold.append({"fold": k, "n_slides": len(rows),
+                         **classification_metrics(y, probs, len(classes)),
+                         "ci": bootstrap_intervals(y, probs, len(classes), groups,
+                                                   n_bootstrap, ci_level, seed + k)})
+        predictions += rows
+        skipped += empty
+        attention.update(fold_attention)
+    return predictions, per_fold, skipped, attention
 
 
 def _excluded(features_dir: str | os.PathLike, splits: dict) -> dict[str, Any]:

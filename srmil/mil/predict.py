@@ -22,13 +22,9 @@ import torch
 
 from srmil.errors import InputError
 from srmil.mil.bags import graph_params, load_bag
-from srmil.store import fold_checkpoints, read_json, write_text
+from srmil.store import FeatureProvenance, fold_checkpoints, read_json, write_text
 
 log = logging.getLogger(__name__)
-
-# Feature-store attributes of the tiling the features depend on; they must match the model's.
-TILE_KEYS = ("mpp", "patch_px", "stride_px")
-
 
 class PredictError(InputError):
     """A model, extractor or store that does not fit; one line naming the file and the fix."""
@@ -49,16 +45,16 @@ def load_ensemble(models_dir: str | os.PathLike,
         metas.append(meta)
     first = metas[0]
     for path, meta in zip(paths[1:], metas[1:], strict=True):
-        if (meta["model"], meta["classes"], _features(meta).get("weights_hash"),
+        if (meta["model"], meta["classes"], _features(meta).weights_hash,
                 model_graph(meta)) != (first["model"], first["classes"],
-                                       _features(first).get("weights_hash"), model_graph(first)):
+                                       _features(first).weights_hash, model_graph(first)):
             raise PredictError(f"{path}: a different model, classes, extractor or graph than "
                                f"{paths[0].name}; retrain all folds of {models_dir} together")
     return models, metas
 
 
-def _features(meta: dict[str, Any]) -> dict[str, Any]:
-    return (meta.get("provenance") or {}).get("features") or {}
+def _features(meta: dict[str, Any]) -> FeatureProvenance:
+    return FeatureProvenance.from_attrs((meta.get("provenance") or {}).get("features") or {})
 
 
 def model_graph(meta: dict[str, Any]) -> dict[str, Any]:
@@ -66,10 +62,11 @@ def model_graph(meta: dict[str, Any]) -> dict[str, Any]:
     return dict((meta.get("provenance") or {}).get("graph") or {})
 
 
-def model_extractor(meta: dict[str, Any], models_dir: str | os.PathLike = "") -> dict[str, Any]:
+def model_extractor(meta: dict[str, Any],
+                    models_dir: str | os.PathLike = "") -> FeatureProvenance:
     """The model's feature provenance (extractor, backbone, weights_hash, mpp, patch_px, ...)."""
     features = _features(meta)
-    if "weights_hash" not in features:
+    if features.weights_hash is None:
         raise PredictError(f"{models_dir}: the model records no feature extractor in its "
                            "provenance; retrain it with this version of srmil")
     return features
@@ -78,8 +75,7 @@ def model_extractor(meta: dict[str, Any], models_dir: str | os.PathLike = "") ->
 def check_extractor(meta: dict[str, Any], extractor: str | None,
                     models_dir: str | os.PathLike) -> str:
     """The extractor name to use: `extractor` if it is the model's, else a PredictError."""
-    trained = model_extractor(meta, models_dir)
-    name = trained.get("extractor")
+    name = model_extractor(meta, models_dir).extractor
     if extractor is not None and name is not None and extractor != name:
         raise PredictError(
             f"{models_dir}: the model was trained on features from extractor {name!r}, not "
@@ -92,19 +88,21 @@ def check_store(meta: dict[str, Any], attrs: dict[str, Any], store: str | os.Pat
                 models_dir: str | os.PathLike) -> None:
     """Refuse a feature store made by another extractor (name or weights) or tiling."""
     trained = model_extractor(meta, models_dir)
-    if attrs.get("weights_hash") != trained["weights_hash"] or (
-            trained.get("extractor") and attrs.get("extractor") != trained["extractor"]):
+    made = FeatureProvenance.from_attrs(attrs)
+    if made.weights_hash != trained.weights_hash or (
+            trained.extractor and made.extractor != trained.extractor):
         raise PredictError(
-            f"{store}: features from extractor {attrs.get('extractor')!r} (weights "
-            f"{str(attrs.get('weights_hash'))[:12]}), but the model in {models_dir} was trained "
-            f"on {trained.get('extractor')!r} (weights {trained['weights_hash'][:12]}); extract "
+            f"{store}: features from extractor {made.extractor!r} (weights "
+            f"{str(made.weights_hash)[:12]}), but the model in {models_dir} was trained "
+            f"on {trained.extractor!r} (weights {trained.weights_hash[:12]}); extract "
             "the features with the model's extractor")
-    for key in TILE_KEYS:
-        if key in trained and key in attrs and not np.isclose(float(attrs[key]),
-                                                               float(trained[key])):
+    for key in FeatureProvenance.TILE_KEYS:
+        value, expected = getattr(made, key), getattr(trained, key)
+        if value is not None and expected is not None and not np.isclose(float(value),
+                                                                          float(expected)):
             raise PredictError(
-                f"{store}: tiles with {key}={attrs[key]}, but the model in {models_dir} was "
-                f"trained with {key}={trained[key]}; tile the slides with the model's settings")
+                f"{store}: tiles with {key}={value}, but the model in {models_dir} was "
+                f"trained with {key}={expected}; tile the slides with the model's settings")
 
 
 def check_graph(meta: dict[str, Any], graph_attrs: dict[str, Any], store: str | os.PathLike,
@@ -177,7 +175,7 @@ def predict_slides(samples: pd.DataFrame, models_dir: str | os.PathLike,
                         models_dir)
             if len(bag) == 0:
                 # Recorded, not dropped: the reason tiling gave travels with the feature store.
-                reason = str(bag.attrs.get("skipped") or "no patches")
+                reason = str(bag.provenance.skipped or "no patches")
                 log.warning("slide %s has no patches (%s); no prediction", sample.slide_id,
                             reason)
                 rows.append({**row, "n_models": 0, "skipped": reason})

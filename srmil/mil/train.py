@@ -35,15 +35,9 @@ from srmil.mil.metrics import classification_metrics
 from srmil.mil.models import build_model, default_hparams
 from srmil.mil.optim import build_optimizer
 from srmil.settings import TrainSettings, train_settings
-from srmil.store import atomic_path, write_json, write_text
+from srmil.store import save_state_dict, write_json, write_text
 
 log = logging.getLogger(__name__)
-
-# Feature-store attributes worth carrying into a model's provenance, when the store has them.
-FEATURE_PROVENANCE_KEYS = ("extractor", "backbone", "weights_hash", "feature_dim", "mpp",
-                           "patch_px", "stride_px", "patch_level0", "stride_level0", "dtype",
-                           "srmil_version")
-
 
 def first_selectable_epoch(epochs: int, select_after: float) -> int:
     """First 1-based epoch that model selection considers (61 of 100 for select_after=0.6)."""
@@ -144,8 +138,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
         "time_s": round(time.perf_counter() - started, 3),
     }
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        torch.save(best_state, tmp)
+    save_state_dict(out_path, best_state)
     write_text(out_path.with_suffix(".csv"), epoch_log.to_csv(index=False))
     write_json(out_path.with_suffix(".json"), meta)
     write_json(out_path.with_suffix(".attention.json"), recorder.to_json())
@@ -296,7 +289,7 @@ def _check_same_features(bags: list[Bag]) -> int:
     first = bags[0]
     for bag in bags[1:]:
         if (bag.x.shape[1] != first.x.shape[1]
-                or bag.attrs.get("weights_hash") != first.attrs.get("weights_hash")):
+                or bag.provenance.weights_hash != first.provenance.weights_hash):
             raise InputError(f"slides {first.slide_id} and {bag.slide_id} have features from "
                              "different backbones; rerun the features step with one backbone")
     return int(first.x.shape[1])
@@ -342,7 +335,7 @@ def _provenance(bag: Bag, graph: dict[str, Any]) -> dict[str, Any]:
         "srmil_version": __version__,
         "torch_version": torch.__version__,
         "torch_geometric_version": torch_geometric.__version__,
-        "features": {k: bag.attrs[k] for k in FEATURE_PROVENANCE_KEYS if k in bag.attrs},
+        "features": bag.provenance.for_model(),
         "graph": graph,
     }
 

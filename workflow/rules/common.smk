@@ -8,7 +8,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
-from srmil.cohort.splits import fold_count, make_splits, read_split_file
+from srmil.cohort.splits import check_cohort, fold_count, read_split_file
 from srmil.demo.plan import planned_sheet
 from srmil.errors import InputError
 from srmil.mil.catalog import inherited_settings
@@ -97,7 +97,7 @@ try:
     if SPLIT_FILE:
         read_split_file(SPLIT_FILE, SAMPLES, SETTINGS.cv.val_fraction)
     else:
-        make_splits(SAMPLES, len(FOLDS), SETTINGS.cv.val_fraction)
+        check_cohort(SAMPLES, len(FOLDS), SETTINGS.cv.val_fraction)
 except InputError as err:
     sys.exit(f"srmil: error: {SETTINGS.samples}: {err}")
 

@@ -94,3 +94,11 @@ def bag_cross_entropy(logits: Tensor, label: int | Tensor) -> Tensor:
         raise ValueError(f"label {label} outside [0, {logits.shape[-1]})")
     target = torch.tensor([label], device=logits.device)
     return F.cross_entropy(logits.unsqueeze(0), target)
+
+
+def cross_entropy_loss(output: MILOutput, label: int | Tensor) -> tuple[Tensor, dict[str, float]]:
+    """The training loss of a model trained on the bag's cross-entropy alone: (loss to
+    backpropagate, {"loss", "ce"})."""
+    ce = bag_cross_entropy(output.logits, label)
+    value = ce.item()
+    return ce, {"loss": value, "ce": value}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from srmil.mil.models.base import FeatureScaler, MILOutput, bag_cross_entropy, check_bag
+from srmil.mil.models.base import FeatureScaler, MILOutput, check_bag, cross_entropy_loss
 from srmil.mil.models.nystrom import NystromAttention
 
 
@@ -115,6 +115,4 @@ class TransMIL(nn.Module):
     def training_loss(self, x: Tensor, edge_index: Tensor | None,
                       label: int | Tensor) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy of one bag; returns (loss to backpropagate, {"loss", "ce"})."""
-        ce = bag_cross_entropy(self(x).logits, label)
-        value = ce.item()
-        return ce, {"loss": value, "ce": value}
+        return cross_entropy_loss(self(x), label)
