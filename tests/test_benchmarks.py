@@ -73,3 +73,41 @@ def test_run_all_only_replaces_the_summary(tmp_path: Path) -> None:
     rows = table_rows(out.read_text())
     assert [r[0] for r in rows] == ["`graph.py`"]
     assert not list(tmp_path.glob(".summary.md.*"))  # the temporary file was renamed
+
+
+def test_compare_runs_tells_equal_outputs_from_different_ones(tmp_path: Path) -> None:
+    """benchmarks/compare_runs.py: timings, run folders and checkpoint file names aside, equal
+    outputs agree; a changed value, a missing file and another tensor do not."""
+    import json
+
+    import torch
+
+    runs = [tmp_path / "run A", tmp_path / "run B"]
+    for i, run in enumerate(runs):
+        (run / "results/models").mkdir(parents=True)
+        (run / "results/logs").mkdir()
+        (run / "results/logs/x.log").write_text(f"run {i}")  # left out
+        meta = {"time_s": 10.0 + i, "slide": f"{run}/slide.svs", "auc": 0.75}
+        (run / "results/models/fold_0.json").write_text(json.dumps(meta))
+        # torch.save names the archive after its file: other bytes, the same tensors
+        torch.save({"w": torch.arange(4.0)}, run / f"results/models/tmp{i}.pt")
+        (run / f"results/models/tmp{i}.pt").rename(run / "results/models/fold_0.pt")
+
+    def compare() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "benchmarks/compare_runs.py"), *map(str, runs)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    proc = compare()
+    assert proc.returncode == 0 and proc.stdout.startswith("2 files agree, 0 do not"), proc.stdout
+    (runs[1] / "results/models/fold_0.json").write_text(json.dumps({"auc": 0.5}))
+    torch.save({"w": torch.arange(4.0) + 1}, runs[1] / "results/models/fold_0.pt")
+    (runs[1] / "results/models/fold_1.json").write_text("{}")
+    proc = compare()
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stdout.splitlines()[1:] == [
+        f"  only in {runs[1]}: results/models/fold_1.json",
+        "  differs: results/models/fold_0.json",
+        "  differs: results/models/fold_0.pt",
+    ]
