@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -18,6 +18,9 @@ import yaml
 from srmil.errors import InputError
 from srmil.mil.catalog import MODELS
 from srmil.store import atomic_path, read_json
+
+if TYPE_CHECKING:
+    from srmil.settings import Settings
 
 # Resident memory of a training job (docs/method.md, "Memory"), in MiB. One SRMIL step (forward,
 # backward, AdamW) on a 100k-patch bag measured 7.1 GiB above the process's start at D = 512 and
@@ -66,10 +69,57 @@ def _array_shape(store: Path, name: str) -> tuple[int, ...] | None:
     return tuple(int(n) for n in read_json(meta)["shape"])
 
 
+def keep_going_requested(argv: list[str] | None = None) -> bool:
+    """Whether the Snakemake run that is parsing the workflow keeps going past failed jobs:
+    `--keep-going` (`-k`) on its command line or `keep-going: true` in a profile it uses
+    (`--profile`, `$SNAKEMAKE_PROFILE`, `--workflow-profile`, workflow/profiles/default).
+
+    Snakemake sets its execution settings only after the parse, so its own argument parser reads
+    `argv` (default: this process's) again, with the profiles, as it did at the start. A process
+    that is not Snakemake's command line (its Python API, a test runner) reads as False."""
+    import contextlib
+    import io
+
+    if argv is None:
+        start = Path(sys.argv[0])
+        if "snakemake" not in (start.name, start.parent.name):
+            return False
+        argv = sys.argv[1:]
+    from snakemake.cli import parse_args
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # "Using profile ..." was said once
+            _, args = parse_args(argv)
+    except (Exception, SystemExit):  # arguments Snakemake itself has refused by now
+        return False
+    return bool(args.keep_going)
+
+
 # --- `srmil predict` on new slide files: the workflow's predict target -------------------------
 
 # The workflow that `srmil predict` runs (the package is used from its checkout: pip install -e).
 SNAKEFILE = Path(__file__).resolve().parents[1] / "Snakefile"
+
+
+def check_predict_settings(settings: Settings) -> None:
+    """Refuse, while the workflow is parsed, a `snakemake predict` whose settings would extract
+    features or build graphs that predict.model was not trained on (another backbone, tiling or
+    graph window), before any slide is read. Folds not trained yet are checked when they predict."""
+    from srmil.mil.provenance import check_extractor, check_settings, first_model_meta
+
+    predict = settings.predict
+    models_dir = predict.models_dir or f"results/models/{predict.model}/{predict.extractor}"
+    try:
+        meta = first_model_meta(models_dir)
+    except (InputError, OSError, ValueError):  # not trained yet, or written by hand: the job says
+        return
+    check_extractor(meta, predict.extractor, models_dir)
+    backbone = settings.backbones.get(predict.extractor)
+    if backbone is not None:
+        tile = {"target_mpp": settings.tile.target_mpp, "patch_px": settings.tile.patch_px,
+                "stride_px": settings.tile.stride}
+        check_settings(meta, models_dir, predict.extractor, backbone.model_dump(), tile,
+                       settings.graph.window)
 
 
 def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
@@ -81,9 +131,10 @@ def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
     that asks for another backbone (other weights), tiling or graph window is refused here,
     before any slide is read."""
     from srmil.features.backbones import load_backbone
-    from srmil.mil.predict import (
+    from srmil.mil.provenance import (
         PredictError,
         check_extractor,
+        check_settings,
         first_model_meta,
         model_extractor,
         model_graph,
@@ -97,18 +148,14 @@ def predict_config(models_dir: str | os.PathLike, samples: str | os.PathLike,
     spec = cfg.setdefault("backbones", {}).setdefault(name, trained.backbone)
     cfg["features"] = {**cfg.get("features", {}), "extractors": [name]}
     tile = cfg.setdefault("tile", {})
-    for key, value in (("target_mpp", trained.mpp), ("patch_px", trained.patch_px)):
-        if float(tile.setdefault(key, value)) != float(value):
-            raise PredictError(f"tile.{key}: {tile[key]} in the config, but the model in "
-                               f"{models_dir} was trained on {value}; leave it out or set it")
+    tile.setdefault("target_mpp", trained.mpp)
+    tile.setdefault("patch_px", trained.patch_px)
     if "stride_px" not in tile and "overlap_px" not in tile:
         tile["stride_px"] = trained.stride_px
     window = model_graph(meta).get("window")
-    if window is not None and int(cfg.setdefault("graph", {}).setdefault("window", window)) != int(
-            window):
-        raise PredictError(f"graph.window={cfg['graph']['window']} in the config, but the model "
-                           f"in {models_dir} was trained on graphs with window={window}; set "
-                           f"graph.window: {window} or leave it out")
+    if window is not None:
+        cfg.setdefault("graph", {}).setdefault("window", window)
+    check_settings(meta, models_dir, name, spec, tile, cfg.get("graph", {}).get("window"))
     weights = load_backbone(spec, seed=int(cfg["seed"])).weights_hash
     if weights != trained.weights_hash:
         raise PredictError(

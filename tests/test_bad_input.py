@@ -505,6 +505,15 @@ def test_broken_files_keep_going_then_excluded_then_fixed(tmp_path: Path) -> Non
     logs, results = tmp_path / "logs", tmp_path / "results"
     features, graphs = results / "features/resnet18", results / "graphs"
 
+    # 0. `keep-going: true` in a profile is --keep-going: the DAG is built, each bad file warned.
+    profile = tmp_path / "keep going profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text("keep-going: true\n")
+    proc = snakemake(tmp_path, "-n", "--profile", str(profile), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{slides / NOT_SLIDES['gone'][0]}: slide file not found" in proc.stderr
+    assert "(--keep-going: its jobs will fail)" in proc.stderr
+
     # 1. --keep-going, the default target: the DAG is built, every good slide gets its features
     # and graph, each bad slide's job fails with one line naming the file; nothing trains.
     proc = snakemake(tmp_path, "--keep-going", check=False)

@@ -214,3 +214,27 @@ def test_parsing_the_workflow_imports_no_torch_opencv_or_tifffile(tmp_path: Path
                 if line.startswith("import time:")}
     assert "srmil.settings" in imported and "srmil.cohort.splits" in imported
     assert not imported & {"torch", "cv2", "tifffile", "sklearn", "timm", "zarr"}
+
+
+def test_keep_going_is_read_from_the_command_line_and_from_profiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the workflow sees while it is parsed (srmil.workflow.keep_going_requested): the
+    command line's -k or --keep-going, and `keep-going: true` in a profile, as Snakemake reads
+    them; the repository's own workflow/profiles/default does not keep going."""
+    from srmil.workflow import keep_going_requested
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SNAKEMAKE_PROFILE", raising=False)
+    snakefile = str(REPO / "Snakefile")
+    assert keep_going_requested(["-s", snakefile, "-n"]) is False
+    assert keep_going_requested(["-s", snakefile, "-nk"]) is True
+    assert keep_going_requested(["-s", snakefile, "--keep-going", "all"]) is True
+    profile = tmp_path / "my profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text("keep-going: true\ncores: 2\n")
+    assert keep_going_requested(["-s", snakefile, "--profile", str(profile)]) is True
+    monkeypatch.setenv("SNAKEMAKE_PROFILE", str(profile))
+    assert keep_going_requested(["-s", snakefile]) is True
+    assert keep_going_requested(["-s", snakefile, "--profile", "none"]) is False
+    assert keep_going_requested() is False  # pytest is not Snakemake's command line

@@ -173,3 +173,33 @@ def test_standalone_predict_takes_the_models_tiling_and_window(trained, tmp_path
         predict_config(models_dir, tmp_path / "new.csv", {"graph": {"window": 2}})
     with pytest.raises(PredictError, match=r"tile\.patch_px: 256 in the config"):
         predict_config(models_dir, tmp_path / "new.csv", {"tile": {"patch_px": 256}})
+
+
+def test_workflow_predict_refuses_other_settings_while_it_parses(trained):
+    """`snakemake predict` checks the config against the model's files before any slide is
+    read (srmil.workflow.check_predict_settings, called by the Snakefile); folds not trained
+    yet pass, to be checked when they predict."""
+    from srmil.settings import load_settings
+    from srmil.workflow import check_predict_settings
+
+    _, _, _, models_dir = trained
+    fits = {"backbones": {"toy": {"model": "toy"}}, "features": {"extractors": ["toy"]},
+            "tile": {"target_mpp": 0.5, "patch_px": 224}, "graph": {"window": 1},
+            "predict": {"samples": "new.csv", "model": "abmil", "extractor": "toy",
+                        "models_dir": str(models_dir)}}
+    check_predict_settings(load_settings(fits))
+    for change, message in (
+        ({"tile": {"target_mpp": 0.25, "patch_px": 224}},
+         r"tile\.target_mpp: 0\.25 in the config, but the model in .* was trained on 0\.5; "
+         r"set tile\.target_mpp: 0\.5"),
+        ({"tile": {"target_mpp": 0.5, "patch_px": 224, "overlap_px": 32}},
+         r"tile\.stride_px: 192 in the config, .* trained on 224"),
+        ({"graph": {"window": 2}}, r"graph\.window=2 in the config, .* set graph\.window: 1"),
+        ({"backbones": {"toy": {"model": "resnet18"}}},
+         r"backbones\.toy: model=resnet18, but the model in .* was trained on model=toy"),
+    ):
+        with pytest.raises(PredictError, match=message) as err:
+            check_predict_settings(load_settings({**fits, **change}))
+        assert "\n" not in str(err.value)
+    untrained = {**fits, "predict": {**fits["predict"], "models_dir": str(models_dir / "none")}}
+    check_predict_settings(load_settings({**untrained, "graph": {"window": 2}}))

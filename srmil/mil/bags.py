@@ -45,16 +45,6 @@ class Bag:
                    self.attrs, self.graph_attrs)
 
 
-# The graph store attributes that say how edges were built (not per-slide counts or strides):
-# a model is tied to them as to its feature extractor.
-GRAPH_PARAM_KEYS = ("window", "radius_cells", "self_loops")
-
-
-def graph_params(graph_attrs: dict[str, Any]) -> dict[str, Any]:
-    """The graph-building parameters among a graph store's attributes."""
-    return {k: graph_attrs[k] for k in GRAPH_PARAM_KEYS if k in graph_attrs}
-
-
 def load_bag(features_dir: str | os.PathLike, graphs_dir: str | os.PathLike,
              slide_id: str, exclude_failed: bool = False) -> Bag:
     """Read `{features_dir}/{slide_id}.zarr` and `{graphs_dir}/{slide_id}.zarr` into a Bag.

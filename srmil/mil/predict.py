@@ -20,14 +20,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from srmil.errors import InputError
-from srmil.mil.bags import graph_params, load_bag
-from srmil.store import FeatureProvenance, fold_checkpoints, read_json, write_text
+from srmil.mil.bags import load_bag
+from srmil.mil.provenance import (
+    PredictError,
+    check_extractor,
+    check_graph,
+    check_store,
+    model_features,
+    model_graph,
+)
+from srmil.store import fold_checkpoints, write_text
 
 log = logging.getLogger(__name__)
-
-class PredictError(InputError):
-    """A model, extractor or store that does not fit; one line naming the file and the fix."""
 
 
 def load_ensemble(models_dir: str | os.PathLike,
@@ -45,86 +49,12 @@ def load_ensemble(models_dir: str | os.PathLike,
         metas.append(meta)
     first = metas[0]
     for path, meta in zip(paths[1:], metas[1:], strict=True):
-        if (meta["model"], meta["classes"], _features(meta).weights_hash,
+        if (meta["model"], meta["classes"], model_features(meta).weights_hash,
                 model_graph(meta)) != (first["model"], first["classes"],
-                                       _features(first).weights_hash, model_graph(first)):
+                                       model_features(first).weights_hash, model_graph(first)):
             raise PredictError(f"{path}: a different model, classes, extractor or graph than "
                                f"{paths[0].name}; retrain all folds of {models_dir} together")
     return models, metas
-
-
-def _features(meta: dict[str, Any]) -> FeatureProvenance:
-    return FeatureProvenance.from_attrs((meta.get("provenance") or {}).get("features") or {})
-
-
-def model_graph(meta: dict[str, Any]) -> dict[str, Any]:
-    """The graph parameters the model was trained on ({} for models that predate them)."""
-    return dict((meta.get("provenance") or {}).get("graph") or {})
-
-
-def model_extractor(meta: dict[str, Any],
-                    models_dir: str | os.PathLike = "") -> FeatureProvenance:
-    """The model's feature provenance (extractor, backbone, weights_hash, mpp, patch_px, ...)."""
-    features = _features(meta)
-    if features.weights_hash is None:
-        raise PredictError(f"{models_dir}: the model records no feature extractor in its "
-                           "provenance; retrain it with this version of srmil")
-    return features
-
-
-def check_extractor(meta: dict[str, Any], extractor: str | None,
-                    models_dir: str | os.PathLike) -> str:
-    """The extractor name to use: `extractor` if it is the model's, else a PredictError."""
-    name = model_extractor(meta, models_dir).extractor
-    if extractor is not None and name is not None and extractor != name:
-        raise PredictError(
-            f"{models_dir}: the model was trained on features from extractor {name!r}, not "
-            f"{extractor!r}; predict with extractor {name!r} or pick a model trained on "
-            f"{extractor!r} (predict.extractor in config.yaml, --extractor on the command line)")
-    return extractor or name
-
-
-def check_store(meta: dict[str, Any], attrs: dict[str, Any], store: str | os.PathLike,
-                models_dir: str | os.PathLike) -> None:
-    """Refuse a feature store made by another extractor (name or weights) or tiling."""
-    trained = model_extractor(meta, models_dir)
-    made = FeatureProvenance.from_attrs(attrs)
-    if made.weights_hash != trained.weights_hash or (
-            trained.extractor and made.extractor != trained.extractor):
-        raise PredictError(
-            f"{store}: features from extractor {made.extractor!r} (weights "
-            f"{str(made.weights_hash)[:12]}), but the model in {models_dir} was trained "
-            f"on {trained.extractor!r} (weights {trained.weights_hash[:12]}); extract "
-            "the features with the model's extractor")
-    for key in FeatureProvenance.TILE_KEYS:
-        value, expected = getattr(made, key), getattr(trained, key)
-        if value is not None and expected is not None and not np.isclose(float(value),
-                                                                          float(expected)):
-            raise PredictError(
-                f"{store}: tiles with {key}={value}, but the model in {models_dir} was "
-                f"trained with {key}={expected}; tile the slides with the model's settings")
-
-
-def check_graph(meta: dict[str, Any], graph_attrs: dict[str, Any], store: str | os.PathLike,
-                models_dir: str | os.PathLike) -> None:
-    """Refuse a graph store built with other parameters than the model's training graphs."""
-    trained, built = model_graph(meta), graph_params(graph_attrs)
-    differ = [k for k in trained if k in built and not _same_value(built[k], trained[k])]
-    if differ:
-        raise PredictError(
-            f"{store}: graph built with {_format(built, differ)}, but the model in {models_dir} "
-            f"was trained on graphs with {_format(trained, differ)}; rebuild the graphs with "
-            f"the model's settings (graph.window: {trained.get('window')} in config.yaml)")
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    return bool(np.isclose(float(a), float(b)))
-
-
-def _format(params: dict[str, Any], keys: list[str]) -> str:
-    return ", ".join(f"{k}={params[k]}" for k in keys)
 
 
 @torch.no_grad()
@@ -217,6 +147,3 @@ def _prediction_columns(rows: list[dict[str, Any]], classes: list[str],
             *(f"prob_{c}_fold{k}" for k in folds for c in classes), "skipped"]
 
 
-def first_model_meta(models_dir: str | os.PathLike) -> dict[str, Any]:
-    """The metadata (JSON beside the checkpoint) of the first fold model; no model is loaded."""
-    return read_json(fold_checkpoints(models_dir)[0].with_suffix(".json"))

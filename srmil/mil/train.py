@@ -28,12 +28,13 @@ from srmil.device import resolve_device as device_for
 from srmil.device import torch_threads
 from srmil.errors import InputError
 from srmil.mil.attention import AttentionRecorder
-from srmil.mil.bags import Bag, graph_params, load_bag
+from srmil.mil.bags import Bag, load_bag
 from srmil.mil.catalog import MODEL_NAMES
 from srmil.mil.inference import predict_bags
 from srmil.mil.metrics import classification_metrics
 from srmil.mil.models import build_model, default_hparams
 from srmil.mil.optim import build_optimizer
+from srmil.mil.provenance import graph_params
 from srmil.settings import TrainSettings, train_settings
 from srmil.store import save_state_dict, write_json, write_text
 

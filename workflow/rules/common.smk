@@ -13,24 +13,17 @@ from srmil.demo.plan import planned_sheet
 from srmil.errors import InputError
 from srmil.mil.catalog import inherited_settings
 from srmil.store import fold_checkpoints
+from srmil.workflow import check_predict_settings, keep_going_requested
 
 DEMO_SHEET = Path(SETTINGS.demo.out_dir) / "samples.csv"
 IS_DEMO = Path(SETTINGS.samples).resolve() == DEMO_SHEET.resolve()
 
 
-def keep_going_requested():
-    """--keep-going (or -k) on the command line: Snakemake's settings are not set yet while
-    the workflow is parsed."""
-    short = [
-        a[1:] for a in sys.argv[1:] if a.startswith("-") and not a.startswith("--")
-    ]
-    return "--keep-going" in sys.argv or any(a.isalpha() and "k" in a for a in short)
-
-
 # exclude_failed_slides: a slide whose file is missing or unreadable is excluded (its outputs
 # record why) instead of failing its jobs; training and evaluation leave it out (srmil.cohort.exclusion).
 EXCLUDE_FAILED = SETTINGS.exclude_failed_slides
-# With --keep-going a bad slide file fails only its own jobs, not the whole run (below).
+# With --keep-going (or keep-going: true in a profile) a bad slide file fails only its own
+# jobs, not the whole run (below).
 # Job processes (a cluster job parses the workflow again) leave the files to the main one.
 KEEP_GOING = workflow.is_main_process and keep_going_requested()
 # Either way a missing file is left out of the jobs' inputs, so that the job runs and reports
@@ -301,6 +294,8 @@ def load_predict_samples():
 
 try:
     PREDICT_SAMPLES = load_predict_samples().set_index("slide_id", drop=False)
+    if PREDICT.samples:  # the model's extractor, tiling and graph, before any slide is read
+        check_predict_settings(SETTINGS)
 except InputError as err:
     sys.exit(f"srmil: error: {err}")
 PREDICT_SLIDES = list(PREDICT_SAMPLES.index)
