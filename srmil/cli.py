@@ -146,6 +146,43 @@ def cmd_graph(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from srmil.errors import InputError
+    from srmil.features.imported import import_features, import_tiles
+
+    if not (args.out or args.tiles_out):
+        raise InputError("srmil import: give --out (the feature store) or --tiles-out (the "
+                         "tile set), or both")
+    slide = args.slide or None
+    if args.tiles_out:
+        plan = import_tiles(args.features, args.tiles_out, slide_path=slide, mpp=args.mpp)
+        logging.info("import: %d patches on a %.4g px grid from %s", plan.n_tiles,
+                     plan.stride_level0, args.features)
+    if args.out:
+        if not args.extractor:
+            raise InputError("srmil import: --out needs --extractor, the name the features go by")
+        provenance = import_features(args.features, args.out, args.extractor, slide_path=slide,
+                                     mpp=args.mpp)
+        logging.info("import: %s x %s features (%s) from %s", provenance.n_patches,
+                     provenance.feature_dim, provenance.extractor, args.features)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from srmil.errors import InputError
+    from srmil.features.imported import export_store
+
+    stores = sorted(Path(args.features_dir).glob("*.zarr"))
+    if not stores:
+        raise InputError(f"{args.features_dir}: no feature stores (*.zarr); point --features-dir "
+                         "at results/features/{extractor}")
+    for path in stores:
+        tiles = Path(args.tiles_dir) / f"{path.name.removesuffix('.zarr')}.json" \
+            if args.tiles_dir else None
+        export_store(path, args.out_dir, args.layout,
+                     tiles if tiles is not None and tiles.is_file() else None)
+    logging.info("export: %d slides in %s's layout -> %s", len(stores), args.layout, args.out_dir)
+
+
 def cmd_splits(args: argparse.Namespace) -> None:
     from srmil import store
     from srmil.cohort.samples import read_sample_sheet
@@ -285,7 +322,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 # The per-slide stages: under --exclude-failed, bad input becomes an exclusion record.
-SLIDE_STAGES = ("segment", "tile", "features", "graph")
+SLIDE_STAGES = ("segment", "tile", "features", "import", "graph")
 
 
 def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
@@ -299,6 +336,11 @@ def _write_exclusion_record(args: argparse.Namespace, reason: str) -> None:
         exclusion.write_tile_record(args.out, args.qc or None, reason)
     elif args.command == "features":
         exclusion.write_feature_record(args.out, reason, args.extractor)
+    elif args.command == "import":  # the slide's tile set or features, as asked
+        if args.tiles_out:
+            exclusion.write_tile_record(args.tiles_out, None, reason)
+        if args.out:
+            exclusion.write_feature_record(args.out, reason, args.extractor)
     else:
         exclusion.write_graph_record(args.out, reason)
 
@@ -415,6 +457,25 @@ def _parser_features_graph(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("import", help="a CLAM or TRIDENT HDF5 file, or an srmil store from "
+                       "another run, as this slide's feature store and tile set")
+    p.add_argument("--features", required=True, help="the feature file (.h5) or store (.zarr)")
+    p.add_argument("--out", default="", help="feature store output (Zarr); needs --extractor")
+    p.add_argument("--tiles-out", default="", help="tile set output (JSON)")
+    p.add_argument("--extractor", default="", help="the extractor name the features go by")
+    p.add_argument("--slide", default="", help="the slide file, for its size and µm/px")
+    p.add_argument("--mpp", type=_optional_float, default=None,
+                   help="level-0 µm/px (the sheet's; empty: from the slide or the file)")
+    _add_exclude_failed(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="feature stores in CLAM's or TRIDENT's HDF5 layout")
+    p.add_argument("--features-dir", required=True, help="results/features/{extractor}")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--layout", required=True, choices=("clam", "trident"))
+    p.add_argument("--tiles-dir", default="", help="results/tiles (slide sizes for TRIDENT)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("graph", help="spatial graph over the patch grid")
     p.add_argument("--tiles", required=True)

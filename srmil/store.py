@@ -164,6 +164,7 @@ class FeatureProvenance:
     device: str | None = None
     amp: str | None = None
     dtype: str | None = None
+    source: dict[str, Any] | None = None  # an imported file: its path, format and sha256
 
     # What a model must be given again: the same extractor and weights, on the same tiling.
     MODEL_KEYS: ClassVar[tuple[str, ...]] = (
@@ -173,10 +174,12 @@ class FeatureProvenance:
     TILE_KEYS: ClassVar[tuple[str, ...]] = ("mpp", "patch_px", "stride_px")
 
     def attrs(self) -> dict[str, Any]:
-        """The store's attributes (`skipped` only when the bag is empty)."""
+        """The store's attributes (`skipped` only when the bag is empty, `source` only for
+        imported features)."""
         attrs = asdict(self)
-        if self.skipped is None:
-            del attrs["skipped"]
+        for key in ("skipped", "source"):
+            if attrs[key] is None:
+                del attrs[key]
         return attrs
 
     @classmethod
@@ -303,16 +306,16 @@ def fold_checkpoints(models_dir: str | os.PathLike) -> list[Path]:
 
 
 
-def save_state_dict(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write a plain tensor checkpoint (a state dict), atomically. Equal tensors give equal bytes:
-    torch.save names the archive's folder after the file it writes to, so it writes to memory
-    under one name, not to the (randomly named) temporary."""
+def save_tensors(path: str | os.PathLike, tensors: Any) -> None:
+    """Write a plain tensor checkpoint (a state dict, or one tensor), atomically. Equal tensors
+    give equal bytes: torch.save names the archive's folder after the file it writes to, so it
+    writes to memory under one name, not to the (randomly named) temporary."""
     import io
 
     import torch
 
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(tensors, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
 

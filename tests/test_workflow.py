@@ -266,3 +266,71 @@ def test_report_renders_with_the_plots(run: Path) -> None:
             f"Attention of {model} (resnet18 features) on test slide {slide},",
         ):
             assert caption in html, caption
+
+
+@pytest.mark.slow
+def test_imported_features_train_as_the_extracted_ones_did(run: Path, tmp_path: Path) -> None:
+    """A cohort whose features come from files, as people bring them: TRIDENT and CLAM HDF5
+    files written by `srmil export` from the run's stores (three with their slide file, three
+    without), and two of the run's own stores. Nothing is segmented, tiled or extracted;
+    `snakemake evaluate` gives the run's predictions byte for byte, with heatmaps of the
+    slides whose file is given. Files without srmil's provenance (as the tools write them)
+    train too."""
+    import h5py
+    import yaml
+
+    for layout in ("trident", "clam"):
+        subprocess.run(
+            [sys.executable, "-m", "srmil.cli", "export", "--features-dir",
+             str(run / "results/features/resnet18"), "--out-dir", str(tmp_path / layout),
+             "--layout", layout, "--tiles-dir", str(run / "results/tiles")],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    demo = pd.read_csv(run / "resources/demo/samples.csv", keep_default_na=False)
+    rows = []
+    for i, row in enumerate(demo.itertuples()):
+        sid = row.slide_id
+        if i < 3:
+            features, path, mpp = f"trident/{sid}.h5", str(run / "resources/demo" / row.path), ""
+        elif i < 6:
+            features, path, mpp = f"clam/h5_files/{sid}.h5", "", "0.5"
+        else:
+            features, path, mpp = str(run / f"results/features/resnet18/{sid}.zarr"), "", ""
+        rows.append({"slide_id": sid, "path": path, "patient_id": row.patient_id,
+                     "label": row.label, "mpp": mpp, "features": features})
+    pd.DataFrame(rows).to_csv(tmp_path / "imported sheet.csv", index=False)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["samples"] = "imported sheet.csv"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    snakemake(tmp_path, "evaluate")
+    assert not (tmp_path / "results/segment").exists()
+    for model in ("srmil", "abmil"):
+        ours, theirs = (d / f"results/eval/{model}/resnet18" for d in (tmp_path, run))
+        assert (ours / "predictions.csv").read_bytes() == (theirs / "predictions.csv").read_bytes()
+        pooled = [json.loads((d / "metrics.json").read_text())["pooled"] for d in (ours, theirs)]
+        assert pooled[0] == pooled[1]
+        drawn = {p.stem for p in (ours / "heatmaps").glob("*.png")}
+        assert drawn and drawn <= {r["slide_id"] for r in rows[:3]}
+    store = zarr.open_group(str(tmp_path / "results/features/resnet18/demo_003.zarr"), mode="r")
+    assert store.attrs["source"]["format"] == "clam"
+    assert store.attrs["weights_hash"] == zarr.open_group(
+        str(run / "results/features/resnet18/demo_003.zarr"), mode="r").attrs["weights_hash"]
+
+    # The tools' own files carry no srmil provenance: one cohort of them still trains.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for row in rows:
+        source = tmp_path / "trident" / f"{row['slide_id']}.h5"
+        shutil.copy(source, plain / source.name)
+        with h5py.File(plain / source.name, "a") as f:
+            del f.attrs["srmil_provenance"]
+        row.update(features=f"plain/{source.name}", path="", mpp="")
+    pd.DataFrame(rows).to_csv(tmp_path / "imported sheet.csv", index=False)
+    config["train"]["models"] = ["abmil"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.rmtree(tmp_path / "results")
+    snakemake(tmp_path, "train")
+    meta = json.loads((tmp_path / "results/models/abmil/resnet18/fold_0.json").read_text())
+    assert meta["provenance"]["features"]["backbone"] == {"imported": "trident",
+                                                          "encoder": "resnet18"}

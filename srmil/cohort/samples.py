@@ -14,7 +14,9 @@ import pandas as pd
 from srmil.errors import InputError
 
 REQUIRED = ("slide_id", "path")
-OPTIONAL = ("patient_id", "label", "annotation", "mpp")
+# `features`: a feature file the slide already has (CLAM or TRIDENT HDF5, or an srmil store),
+# imported instead of segmenting, tiling and extracting (srmil.features.imported).
+OPTIONAL = ("patient_id", "label", "annotation", "mpp", "features")
 # Optional per-slide segmentation settings: a column `segment_<name>` overrides config.yaml's
 # segment.<name> for the rows where it is filled (e.g. segment_threshold, segment_exclude_pen).
 SEGMENT_PREFIX = "segment_"
@@ -57,8 +59,8 @@ def read_sample_sheet(
             )
 
     base = sheet.resolve().parent
-    df["path"] = [str(_resolve(base, p)) for p in df["path"]]
-    df["annotation"] = [str(_resolve(base, p)) if p else "" for p in df["annotation"]]
+    for column in ("path", "annotation", "features"):
+        df[column] = [str(_resolve(base, p)) if p else "" for p in df[column]]
     df["mpp"] = [
         _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
     ]
@@ -101,12 +103,19 @@ def _read_csv(sheet: Path, require_labels: bool) -> pd.DataFrame:
 
 
 def _check_ids(sheet: Path, df: pd.DataFrame) -> None:
-    """Slide ids that are portable file names and wildcards, unique even without case."""
+    """Slide ids that are portable file names and wildcards, unique even without case, each
+    with a slide or feature file."""
     bad = df.loc[~df["slide_id"].map(lambda s: bool(SLIDE_ID.match(s))), "slide_id"]
     if len(bad):
         raise SampleSheetError(
             f"{sheet}: slide_id {bad.iloc[0]!r} must use only letters, digits, "
             "'.', '_' and '-'; rename it in the sheet"
+        )
+    unfilled = df.loc[(df["path"] == "") & (df["features"] == ""), "slide_id"]
+    if len(unfilled):
+        raise SampleSheetError(
+            f"{sheet}: slide {unfilled.iloc[0]!r} has no path; give its slide file (or its "
+            "feature file in a features column)"
         )
     dup = df.loc[df["slide_id"].duplicated(), "slide_id"]
     if len(dup):
@@ -153,8 +162,16 @@ def _check_labels(sheet: Path, df: pd.DataFrame, require_labels: bool,
 
 
 def check_row_files(row: Any, sheet: str | os.PathLike = "the sample sheet") -> None:
-    """Raise SampleSheetError unless a sheet row's slide (and annotation, if any) is usable."""
-    check_slide_file(row.path, sheet)
+    """Raise SampleSheetError unless a sheet row's slide (and annotation and feature file, if
+    any) is usable."""
+    if row.path:
+        check_slide_file(row.path, sheet)
+    features = getattr(row, "features", "")
+    if features and not Path(features).exists():
+        raise SampleSheetError(
+            f"{features}: feature file of slide {row.slide_id!r} not found; fix its path in "
+            f"{sheet} or leave it empty"
+        )
     if row.annotation and not Path(row.annotation).is_file():
         raise SampleSheetError(
             f"{row.annotation}: annotation of slide {row.slide_id!r} "

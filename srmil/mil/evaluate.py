@@ -94,7 +94,10 @@ def evaluate_model(model_name: str, models_dir: str | os.PathLike, splits: dict,
     plot_attention_diagnostics({model_name: list(logs.values())},
                                out_dir / "attention_diagnostics.png")
     if tiles_dir is not None:
-        shown = table if max_heatmaps is None else _heatmap_selection(table, max_heatmaps)
+        # Slides known by their feature file alone have no image to draw on.
+        with_file = set(samples.loc[samples["path"] != "", "slide_id"])
+        drawable = table[table["slide_id"].isin(with_file)] if len(table) else table
+        shown = drawable if max_heatmaps is None else _heatmap_selection(drawable, max_heatmaps)
         if not model_info(model_name).attention:  # mean pooling: uniform, an empty folder
             shown = shown.iloc[:0]
         write_heatmaps(shown, attention, samples, tiles_dir, out_dir / "heatmaps", model_name,

@@ -36,7 +36,7 @@ from srmil.mil.models import build_model, default_hparams
 from srmil.mil.optim import build_optimizer
 from srmil.mil.provenance import graph_params
 from srmil.settings import TrainSettings, train_settings
-from srmil.store import save_state_dict, write_json, write_text
+from srmil.store import save_tensors, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def train_fold(model_name: str, splits: dict, fold: int, samples: pd.DataFrame,
         "time_s": round(time.perf_counter() - started, 3),
     }
     out_path = Path(out_path)
-    save_state_dict(out_path, best_state)
+    save_tensors(out_path, best_state)
     write_text(out_path.with_suffix(".csv"), epoch_log.to_csv(index=False))
     write_json(out_path.with_suffix(".json"), meta)
     write_json(out_path.with_suffix(".attention.json"), recorder.to_json())
@@ -292,8 +292,18 @@ def _check_same_features(bags: list[Bag]) -> int:
         if (bag.x.shape[1] != first.x.shape[1]
                 or bag.provenance.weights_hash != first.provenance.weights_hash):
             raise InputError(f"slides {first.slide_id} and {bag.slide_id} have features from "
-                             "different backbones; rerun the features step with one backbone")
+                             f"different backbones ({_backbone(first)}; {_backbone(bag)}); "
+                             "extract or import every slide's features with one backbone")
     return int(first.x.shape[1])
+
+
+def _backbone(bag: Bag) -> str:
+    """A bag's backbone in words, for an error message."""
+    spec = bag.provenance.backbone
+    if isinstance(spec, dict) and "imported" in spec:
+        return f"imported {spec['imported']} file, encoder {spec.get('encoder') or 'not named'}"
+    name = spec.get("model") if isinstance(spec, dict) else spec
+    return f"{name}, weights {str(bag.provenance.weights_hash)[:12]}"
 
 
 def _check_same_graphs(bags: list[Bag]) -> dict[str, Any]:

@@ -174,6 +174,8 @@ def write_heatmaps(table: pd.DataFrame, attention: dict[str, np.ndarray], sample
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for row in table.itertuples(index=False):
+            if not sample_rows.at[row.slide_id, "path"]:  # known by its feature file alone
+                continue
             probs = ", ".join(f"{c} {getattr(row, f'prob_{c}', float('nan')):.2f}"
                               for c in classes if f"prob_{c}" in table.columns)
             label = f"true {row.label} · " if "label" in table.columns else ""

@@ -63,6 +63,7 @@ def load_samples():
             for a in sheet["annotation"]
         ]
         sheet["mpp"] = float("nan")
+        sheet["features"] = ""
         return sheet
     sheet = read_sheet(SETTINGS.samples, classes=SETTINGS.classes)
     validate(sheet, "../schemas/samples.schema.yaml")
@@ -76,6 +77,23 @@ except InputError as err:
     sys.exit(f"srmil: error: {err}")
 SLIDES = list(SAMPLES.index)
 EXTRACTORS = SETTINGS.features.extractors
+
+
+def slide_pattern(slide_ids):
+    """A wildcard constraint matching exactly these slide ids (none: matches nothing)."""
+    return "|".join(s.replace(".", r"\.") for s in slide_ids) or "(?!)"
+
+
+# Slides whose sheet row gives a feature file (features column) are imported, not segmented,
+# tiled or extracted (srmil.features.imported): their tile set and features come from the file.
+IMPORTED = [s for s in SLIDES if SAMPLES.loc[s, "features"]]
+EXTRACTED = [s for s in SLIDES if s not in IMPORTED]
+IMPORTED_SLIDE, EXTRACTED_SLIDE = slide_pattern(IMPORTED), slide_pattern(EXTRACTED)
+if IMPORTED and len(EXTRACTORS) != 1:
+    sys.exit(
+        f"srmil: error: {SETTINGS.samples}: {len(IMPORTED)} slides have a feature file, which "
+        f"stands for one extractor, but features.extractors lists {len(EXTRACTORS)}; list one"
+    )
 MODELS = SETTINGS.train.models
 SPLIT_FILE = SETTINGS.cv.split_file
 try:
@@ -96,7 +114,7 @@ except InputError as err:
 
 
 wildcard_constraints:
-    slide="|".join(map(lambda s: s.replace(".", r"\."), SLIDES)),
+    slide=slide_pattern(SLIDES),
     extractor="|".join(EXTRACTORS),
     model="|".join(MODELS),
     fold=r"\d+",
@@ -122,7 +140,7 @@ def sheet_file(sheet, column):
 
     def lookup(wildcards):
         path = sheet.loc[wildcards.slide, column]
-        if not path or (TOLERATE_BAD_FILES and not Path(path).is_file()):
+        if not path or (TOLERATE_BAD_FILES and not Path(path).exists()):
             return []
         return path
 
@@ -153,11 +171,15 @@ def sheet_segment_params(sheet):
 
 
 def slide_files(sheet):
-    """The slide files of a sheet that a job reading them all needs (heatmaps)."""
-    return [p for p in sheet["path"] if not TOLERATE_BAD_FILES or Path(p).is_file()]
+    """The slide files of a sheet that a job reading them all needs (heatmaps); a slide known
+    by its feature file alone has none."""
+    return [
+        p for p in sheet["path"] if p and (not TOLERATE_BAD_FILES or Path(p).is_file())
+    ]
 
 
 slide_path = sheet_file(SAMPLES, "path")
+slide_features = sheet_file(SAMPLES, "features")
 slide_annotation = sheet_file(SAMPLES, "annotation")
 slide_mpp = sheet_mpp(SAMPLES)
 
@@ -280,7 +302,9 @@ PREDICT = SETTINGS.predict
 def load_predict_samples():
     """The sheet of new slides (labels optional), or an empty table when none is set."""
     if not PREDICT.samples:
-        return pd.DataFrame(columns=["slide_id", "path", "annotation", "mpp"])
+        return pd.DataFrame(
+            columns=["slide_id", "path", "annotation", "mpp", "features"]
+        )
     if not PREDICT.models_dir and (
         PREDICT.model not in MODELS or PREDICT.extractor not in EXTRACTORS
     ):
@@ -294,13 +318,19 @@ def load_predict_samples():
 
 try:
     PREDICT_SAMPLES = load_predict_samples().set_index("slide_id", drop=False)
-    if PREDICT.samples:  # the model's extractor, tiling and graph, before any slide is read
+    # The model's extractor, tiling and graph, before any slide is read.
+    if PREDICT.samples:
         check_predict_settings(SETTINGS)
 except InputError as err:
     sys.exit(f"srmil: error: {err}")
 PREDICT_SLIDES = list(PREDICT_SAMPLES.index)
 # New slides may share ids with the cohort: their files live under results/predict/.
-PREDICT_SLIDE = "|".join(s.replace(".", r"\.") for s in PREDICT_SLIDES) or "(?!)"
+PREDICT_SLIDE = slide_pattern(PREDICT_SLIDES)
+PREDICT_IMPORTED = [s for s in PREDICT_SLIDES if PREDICT_SAMPLES.loc[s, "features"]]
+PREDICT_IMPORTED_SLIDE = slide_pattern(PREDICT_IMPORTED)
+PREDICT_EXTRACTED_SLIDE = slide_pattern(
+    [s for s in PREDICT_SLIDES if s not in PREDICT_IMPORTED]
+)
 predict_slide_path = sheet_file(PREDICT_SAMPLES, "path")
 
 

@@ -8,6 +8,8 @@ rule extract_features:
         "logs/features/{extractor}/{slide}.log",
     benchmark:
         "results/benchmarks/features/{extractor}/{slide}.tsv"
+    wildcard_constraints:
+        slide=EXTRACTED_SLIDE,  # imported slides: import_features
     conda:
         "../../envs/srmil.yaml"
     threads: SETTINGS.features.threads
@@ -34,6 +36,63 @@ rule extract_features:
         " --device {params.device} --amp {params.amp} --dtype {params.dtype}"
         " --read-block {params.read_block} --reader {params.reader}"
         " --seed {params.seed} --threads {threads} {params.on_bad_slide} > {log} 2>&1"
+
+
+# Slides with a feature file (the sheet's features column): its coordinates become the tile set
+# and its features the feature store, in place of segmentation, tiling and extraction.
+rule import_tiles:
+    input:
+        features=slide_features,
+        slide=slide_path,
+    output:
+        "results/tiles/{slide}.json",
+    log:
+        "logs/tile/{slide}.log",
+    benchmark:
+        "results/benchmarks/tile/{slide}.tsv"
+    wildcard_constraints:
+        slide=IMPORTED_SLIDE,
+    conda:
+        "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(15),
+    params:
+        features=sheet_cell(SAMPLES, "features"),
+        slide=sheet_cell(SAMPLES, "path"),
+        mpp=slide_mpp,
+        on_bad_slide=on_bad_slide,
+    shell:
+        "srmil import --features {params.features:q} --slide={params.slide:q}"
+        " --mpp '{params.mpp}' --tiles-out {output} {params.on_bad_slide} > {log} 2>&1"
+
+
+rule import_features:
+    input:
+        features=slide_features,
+        slide=slide_path,
+    output:
+        directory("results/features/{extractor}/{slide}.zarr"),
+    log:
+        "logs/features/{extractor}/{slide}.log",
+    benchmark:
+        "results/benchmarks/features/{extractor}/{slide}.tsv"
+    wildcard_constraints:
+        slide=IMPORTED_SLIDE,
+    conda:
+        "../../envs/srmil.yaml"
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(15),
+    params:
+        features=sheet_cell(SAMPLES, "features"),
+        slide=sheet_cell(SAMPLES, "path"),
+        mpp=slide_mpp,
+        on_bad_slide=on_bad_slide,
+    shell:
+        "srmil import --features {params.features:q} --slide={params.slide:q}"
+        " --mpp '{params.mpp}' --extractor {wildcards.extractor} --out {output}"
+        " {params.on_bad_slide} > {log} 2>&1"
 
 
 rule features:

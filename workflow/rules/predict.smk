@@ -11,7 +11,7 @@ use rule segment_slide as predict_segment_slide with:
     benchmark:
         "results/benchmarks/predict/segment/{slide}.tsv"
     wildcard_constraints:
-        slide=PREDICT_SLIDE,
+        slide=PREDICT_EXTRACTED_SLIDE,
     params:
         # every sheet lookup of the cohort's rule, in the new slides' sheet
         slide=sheet_cell(PREDICT_SAMPLES, "path"),
@@ -33,7 +33,7 @@ use rule tile_slide as predict_tile_slide with:
     benchmark:
         "results/benchmarks/predict/tile/{slide}.tsv"
     wildcard_constraints:
-        slide=PREDICT_SLIDE,
+        slide=PREDICT_EXTRACTED_SLIDE,
     params:
         mpp=sheet_mpp(PREDICT_SAMPLES),
 
@@ -49,7 +49,43 @@ use rule extract_features as predict_extract_features with:
     benchmark:
         "results/benchmarks/predict/features/{extractor}/{slide}.tsv"
     wildcard_constraints:
-        slide=PREDICT_SLIDE,
+        slide=PREDICT_EXTRACTED_SLIDE,
+
+
+use rule import_tiles as predict_import_tiles with:
+    input:
+        features=sheet_file(PREDICT_SAMPLES, "features"),
+        slide=predict_slide_path,
+    output:
+        "results/predict/tiles/{slide}.json",
+    log:
+        "logs/predict/tile/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/tile/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_IMPORTED_SLIDE,
+    params:
+        features=sheet_cell(PREDICT_SAMPLES, "features"),
+        slide=sheet_cell(PREDICT_SAMPLES, "path"),
+        mpp=sheet_mpp(PREDICT_SAMPLES),
+
+
+use rule import_features as predict_import_features with:
+    input:
+        features=sheet_file(PREDICT_SAMPLES, "features"),
+        slide=predict_slide_path,
+    output:
+        directory("results/predict/features/{extractor}/{slide}.zarr"),
+    log:
+        "logs/predict/features/{extractor}/{slide}.log",
+    benchmark:
+        "results/benchmarks/predict/features/{extractor}/{slide}.tsv"
+    wildcard_constraints:
+        slide=PREDICT_IMPORTED_SLIDE,
+    params:
+        features=sheet_cell(PREDICT_SAMPLES, "features"),
+        slide=sheet_cell(PREDICT_SAMPLES, "path"),
+        mpp=sheet_mpp(PREDICT_SAMPLES),
 
 
 # graph.window as for the cohort's graphs, which the models were trained on; `srmil predict`

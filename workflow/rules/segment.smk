@@ -13,6 +13,8 @@ rule segment_slide:
         "logs/segment/{slide}.log",
     benchmark:
         "results/benchmarks/segment/{slide}.tsv"
+    wildcard_constraints:
+        slide=EXTRACTED_SLIDE,  # imported slides are not segmented
     conda:
         "../../envs/srmil.yaml"
     resources:
@@ -34,4 +36,4 @@ rule segment_slide:
 
 rule segment:
     input:
-        expand("results/segment/{slide}.geojson", slide=SLIDES),
+        expand("results/segment/{slide}.geojson", slide=EXTRACTED),

@@ -14,6 +14,8 @@ rule tile_slide:
         "logs/tile/{slide}.log",
     benchmark:
         "results/benchmarks/tile/{slide}.tsv"
+    wildcard_constraints:
+        slide=EXTRACTED_SLIDE,  # imported slides: import_tiles
     conda:
         "../../envs/srmil.yaml"
     resources:
