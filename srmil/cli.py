@@ -97,6 +97,8 @@ def cmd_tile(args: argparse.Namespace) -> None:
         mpp_fallback=args.mpp_fallback,
         out_qc_png=args.qc or None,
         seg_qc_png=args.seg_qc or None,
+        roi=args.roi or None,
+        roi_exclude=args.roi_exclude or None,
     )
     logging.info(
         "tile: %d patches of %d px at %.3g µm/px (level %d)",
@@ -430,6 +432,9 @@ def _parser_segment_tile(sub: Any) -> None:
     p.add_argument("--qc", default="", help="QC PNG output: the kept tile grid on the slide")
     p.add_argument("--seg-qc", default="",
                    help="QC PNG of `srmil segment` to draw the grid on (faster)")
+    p.add_argument("--roi", default="",
+                   help="GeoJSON of regions to keep (QuPath's export, level-0 px)")
+    p.add_argument("--roi-exclude", default="", help="GeoJSON of regions to leave out")
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_tile)
 

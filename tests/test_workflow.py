@@ -317,6 +317,16 @@ def test_imported_features_train_as_the_extracted_ones_did(run: Path, tmp_path: 
     assert store.attrs["weights_hash"] == zarr.open_group(
         str(run / "results/features/resnet18/demo_003.zarr"), mode="r").attrs["weights_hash"]
 
+    # New slides known by their feature files, under new ids: `snakemake predict` imports them.
+    new = pd.DataFrame(rows[:3]).drop(columns=["label"]).assign(slide_id=["new-a", "new.b", "c"])
+    new.to_csv(tmp_path / "new slides.csv", index=False)
+    snakemake(tmp_path, "predict", "--config", "predict={samples: 'new slides.csv'}")
+    predicted = pd.read_csv(tmp_path / "results/predict/srmil/resnet18/predictions.csv")
+    assert list(predicted["slide_id"]) == ["new-a", "new.b", "c"]
+    assert predicted["prob_tumour"].notna().all()
+    heatmaps = tmp_path / "results/predict/srmil/resnet18/heatmaps"
+    assert sorted(p.stem for p in heatmaps.glob("*.png")) == ["c", "new-a", "new.b"]
+
     # The tools' own files carry no srmil provenance: one cohort of them still trains.
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -334,3 +344,41 @@ def test_imported_features_train_as_the_extracted_ones_did(run: Path, tmp_path: 
     meta = json.loads((tmp_path / "results/models/abmil/resnet18/fold_0.json").read_text())
     assert meta["provenance"]["features"]["backbone"] == {"imported": "trident",
                                                           "encoder": "resnet18"}
+
+
+@pytest.mark.slow
+def test_regions_of_interest_from_the_sheet_restrict_tiling(run: Path, tmp_path: Path) -> None:
+    """The sheet's `roi` and `roi_exclude` columns reach the tiling rule: the slide with
+    regions keeps only the run's patches inside them; the others tile as in the run."""
+    import yaml
+
+    sheet = pd.read_csv(run / "resources/demo/samples.csv", keep_default_na=False)
+    sheet["path"] = [str(run / "resources/demo" / p) for p in sheet["path"]]
+    sheet["annotation"] = [str(run / "resources/demo" / a) if a else "" for a in
+                           sheet["annotation"]]
+    first = sheet.loc[0, "slide_id"]
+    _, _, plan = read_tiles_json(run / f"results/tiles/{first}.json")
+    half = {"type": "Polygon", "coordinates": [[[0, 0], [plan["slide_width"] / 2, 0],
+            [plan["slide_width"] / 2, plan["slide_height"]], [0, plan["slide_height"]],
+            [0, 0]]]}  # fmt: skip
+    (tmp_path / "left half.geojson").write_text(json.dumps(half))
+    sheet["roi"] = ["left half.geojson"] + [""] * (len(sheet) - 1)
+    sheet.to_csv(tmp_path / "sheet.csv", index=False)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["samples"] = "sheet.csv"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, "tile")
+    for slide_id in sheet["slide_id"]:
+        ours = read_tiles_json(tmp_path / f"results/tiles/{slide_id}.json")[0]
+        theirs = read_tiles_json(run / f"results/tiles/{slide_id}.json")[0]
+        if slide_id == first:
+            size = plan["patch_level0"]
+            inside = [c for c in theirs if c[0] + size / 2 <= plan["slide_width"] / 2]
+            assert ours == inside and 0 < len(ours) < len(theirs)
+        else:
+            assert ours == theirs
+
+
+def read_tiles_json(path: Path) -> tuple[list, list, dict]:
+    data = json.loads(path.read_text())
+    return data["coords_level0"], data["tissue_fraction"], data["plan"]

@@ -16,7 +16,10 @@ from srmil.errors import InputError
 REQUIRED = ("slide_id", "path")
 # `features`: a feature file the slide already has (CLAM or TRIDENT HDF5, or an srmil store),
 # imported instead of segmenting, tiling and extracting (srmil.features.imported).
-OPTIONAL = ("patient_id", "label", "annotation", "mpp", "features")
+# `roi`, `roi_exclude`: GeoJSON of regions to tile (QuPath's export), and of regions to leave out.
+OPTIONAL = ("patient_id", "label", "annotation", "mpp", "features", "roi", "roi_exclude")
+# Sheet columns that name files, relative to the sheet's folder.
+FILE_COLUMNS = ("path", "annotation", "features", "roi", "roi_exclude")
 # Optional per-slide segmentation settings: a column `segment_<name>` overrides config.yaml's
 # segment.<name> for the rows where it is filled (e.g. segment_threshold, segment_exclude_pen).
 SEGMENT_PREFIX = "segment_"
@@ -59,7 +62,7 @@ def read_sample_sheet(
             )
 
     base = sheet.resolve().parent
-    for column in ("path", "annotation", "features"):
+    for column in FILE_COLUMNS:
         df[column] = [str(_resolve(base, p)) if p else "" for p in df[column]]
     df["mpp"] = [
         _parse_mpp(sheet, sid, v) for sid, v in zip(df["slide_id"], df["mpp"], strict=True)
@@ -172,11 +175,14 @@ def check_row_files(row: Any, sheet: str | os.PathLike = "the sample sheet") -> 
             f"{features}: feature file of slide {row.slide_id!r} not found; fix its path in "
             f"{sheet} or leave it empty"
         )
-    if row.annotation and not Path(row.annotation).is_file():
-        raise SampleSheetError(
-            f"{row.annotation}: annotation of slide {row.slide_id!r} "
-            f"not found; fix its path in {sheet} or leave it empty"
-        )
+    for column, what in (("annotation", "annotation"), ("roi", "regions of interest"),
+                         ("roi_exclude", "regions to exclude")):
+        path = getattr(row, column, "")
+        if path and not Path(path).is_file():
+            raise SampleSheetError(
+                f"{path}: {what} of slide {row.slide_id!r} not found; fix its path in {sheet} "
+                "or leave it empty"
+            )
 
 
 def _check_case_variants(sheet: Path, labels: pd.Series) -> None:

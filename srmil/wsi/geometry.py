@@ -110,9 +110,13 @@ def polygon_union(polygons: list[Polygon]) -> shapely.Geometry:
 def covered_fractions(boxes: np.ndarray, polygons: list[Polygon]) -> np.ndarray:
     """Exact share of each box (N x 4: x0, y0, x1, y1 in level-0 px) that the polygons cover
     (their union: holes left out, overlaps counted once); 0 for a box of no area."""
+    return region_fractions(boxes, polygon_union(polygons))
+
+
+def region_fractions(boxes: np.ndarray, region: shapely.Geometry) -> np.ndarray:
+    """Exact share of each box (N x 4, level-0 px) inside `region` (a shapely geometry)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     fractions = np.zeros(len(boxes))
-    region = polygon_union(polygons)
     if len(boxes) == 0 or region.is_empty:
         return fractions
     parts = shapely.get_parts(region)  # polygons whose interiors do not overlap
@@ -128,6 +132,32 @@ def covered_fractions(boxes: np.ndarray, polygons: list[Polygon]) -> np.ndarray:
     covered = np.bincount(box_i, weights=area, minlength=len(boxes))
     np.divide(covered, box_area, out=fractions, where=box_area > 0)
     return np.minimum(fractions, 1.0)
+
+
+def read_regions(path: str | os.PathLike, width: int, height: int,
+                 what: str = "regions of interest") -> list[Polygon]:
+    """The polygons of a GeoJSON of regions drawn on a slide (QuPath's export, level-0 px), as
+    a one-line InputError when the file is unreadable, holds no polygon, or lies wholly outside
+    the slide (`width` x `height` level-0 px: the usual sign of another slide's or another
+    unit's coordinates)."""
+    from srmil.errors import InputError
+
+    try:
+        polygons = read_geojson_polygons(path)
+        region = polygon_union(polygons)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError,
+            shapely.errors.ShapelyError) as err:
+        raise InputError(f"{path}: not a readable GeoJSON of {what} ({type(err).__name__}: "
+                         f"{err}); export the regions from QuPath as GeoJSON again") from None
+    if region.is_empty:
+        raise InputError(f"{path}: no polygon among the {what}; draw them as polygons or "
+                         "rectangles, or leave the sheet's cell empty")
+    if region.intersection(shapely.box(0, 0, width, height)).area == 0:
+        x0, y0, x1, y1 = (round(v) for v in region.bounds)
+        raise InputError(f"{path}: the {what} ({x0}, {y0})-({x1}, {y1}) lie outside the slide "
+                         f"(0, 0)-({width}, {height}); export them in this slide's level-0 "
+                         "pixels")
+    return polygons
 
 
 def exterior_bounds(polygons: list[Polygon]) -> np.ndarray:

@@ -24,6 +24,8 @@ HOLE_RGB = (0, 80, 255)
 EXCLUDED_RGB = (255, 140, 0)
 ANNOTATION_RGB = (220, 0, 0)
 TILE_RGB = (255, 210, 0)
+ROI_RGB = (200, 0, 200)  # regions of interest kept
+ROI_EXCLUDED_RGB = (60, 60, 60)  # regions of interest left out
 
 
 def qc_scale(rgb: np.ndarray, downsample: float) -> tuple[np.ndarray, float]:
@@ -58,6 +60,18 @@ def draw_overlay(
     for poly in annotation or []:
         rings = fixed_point_rings(poly, downsample)
         cv2.polylines(out, rings, True, ANNOTATION_RGB, thick, cv2.LINE_AA, SHIFT)
+    return out
+
+
+def draw_regions(rgb: np.ndarray, downsample: float, keep: list[Polygon],
+                 exclude: list[Polygon]) -> np.ndarray:
+    """The QC image with the regions of interest outlined: kept in magenta, left out in grey."""
+    out = rgb.copy()
+    thick = max(2, round(max(out.shape[:2]) / 300))
+    for polygons, colour in ((keep, ROI_RGB), (exclude, ROI_EXCLUDED_RGB)):
+        for poly in polygons:
+            rings = fixed_point_rings(poly, downsample)
+            cv2.polylines(out, rings, True, colour, thick, cv2.LINE_AA, SHIFT)
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import shapely
 
 from srmil import __version__, store
 from srmil.errors import InputError
@@ -22,9 +23,12 @@ from srmil.wsi import qc
 from srmil.wsi.geometry import (
     Polygon,
     exterior_bounds,
+    polygon_union,
     polygons_mask,
     polygons_window,
     read_geojson_polygons,
+    read_regions,
+    region_fractions,
 )
 from srmil.wsi.slide import (
     SlideError,
@@ -42,6 +46,8 @@ MASK_PX_PER_PATCH = 16
 MAX_MASK_SIDE = 8192
 # Tissue fractions are summed this many mask rows of patches at a time.
 SUM_STRIP_ROWS = 256
+# With regions of interest, a patch is kept when at least this share of it lies inside them.
+ROI_MIN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -252,16 +258,21 @@ def tile_slide(
     mpp_fallback: float | None = None,
     out_qc_png: str | os.PathLike | None = None,
     seg_qc_png: str | os.PathLike | None = None,
+    roi: str | os.PathLike | None = None,
+    roi_exclude: str | os.PathLike | None = None,
 ) -> ReadPlan:
     """Write the kept patch origins (level-0 px), their tissue fraction and the read plan.
 
+    With `roi` (a GeoJSON of regions to keep, QuPath's export in level-0 px) only patches at
+    least ROI_MIN_FRACTION inside those regions are kept, less any region of `roi_exclude`.
     With `out_qc_png`, also a QC image: the segmentation QC image `seg_qc_png` (thumbnail,
-    tissue, holes, annotation) with the kept tile grid drawn on it.
+    tissue, holes, annotation) with the regions and the kept tile grid drawn on it.
     """
     params = params or TileSettings()
     with open_slide(slide_path) as slide:
         info = slide_info(slide, slide_path, mpp_override, mpp_fallback)
     plan = read_plan(info, params)
+    regions = _regions(roi, roi_exclude, plan)
     polygons = read_geojson_polygons(tissue_geojson)
     if params.min_tissue_fraction > 0:
         # Only cells near tissue can pass. The mask is 0 beyond 2 px around the polygons'
@@ -271,8 +282,13 @@ def tile_slide(
         coords = grid_coords(plan)
     fraction = tissue_fractions(coords, plan, polygons)
     keep = fraction >= params.min_tissue_fraction
+    if regions is not None:
+        boxes = np.c_[coords, coords + plan.patch_level0]
+        keep &= region_fractions(boxes, regions.area) >= ROI_MIN_FRACTION
     n_grid = int(np.prod(grid_shape(plan)))
     skipped = skip_reason(plan, n_grid, polygons) if not keep.any() else None
+    if skipped and regions is not None and (fraction >= params.min_tissue_fraction).any():
+        skipped = "no tissue patch inside the regions of interest"
     coords, fraction = coords[keep], fraction[keep]
     if skipped:
         # Not an error: the slide stays in the cohort as an empty bag, which training skips
@@ -281,8 +297,29 @@ def tile_slide(
     plan = replace(plan, n_tiles=int(len(coords)), skipped=skipped)
     write_tiles(out_path, coords, fraction, plan)
     if out_qc_png is not None:
-        _write_qc(slide_path, tissue_geojson, polygons, seg_qc_png, out_qc_png, coords, plan)
+        _write_qc(slide_path, tissue_geojson, polygons, seg_qc_png, out_qc_png, coords, plan,
+                  regions)
     return plan
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Regions of interest of one slide: the polygons kept and left out, and the area between."""
+
+    keep: list[Polygon]
+    exclude: list[Polygon]
+    area: Any  # shapely geometry: keep minus exclude
+
+
+def _regions(roi: str | os.PathLike | None, roi_exclude: str | os.PathLike | None,
+             plan: ReadPlan) -> Regions | None:
+    if not roi and not roi_exclude:
+        return None
+    size = (plan.slide_width, plan.slide_height)
+    keep = read_regions(roi, *size) if roi else []
+    exclude = read_regions(roi_exclude, *size, what="regions to exclude") if roi_exclude else []
+    area = polygon_union(keep) if keep else shapely.box(0, 0, *size)
+    return Regions(keep, exclude, area.difference(polygon_union(exclude)) if exclude else area)
 
 
 def _write_qc(
@@ -293,6 +330,7 @@ def _write_qc(
     out_qc_png: str | os.PathLike,
     coords: np.ndarray,
     plan: ReadPlan,
+    regions: Regions | None = None,
 ) -> None:
     if seg_qc_png is not None:
         image = qc.read_png(seg_qc_png)
@@ -303,4 +341,6 @@ def _write_qc(
             view = thumbnail(slide, float(summary.get("seg_downsample", 32.0)))
         image, downsample = qc.qc_scale(view, plan.slide_width / view.shape[1])
         image = qc.draw_overlay(image, downsample, polygons)
+    if regions is not None:
+        image = qc.draw_regions(image, downsample, regions.keep, regions.exclude)
     qc.write_png(out_qc_png, qc.draw_tile_grid(image, downsample, coords, plan.patch_level0))

@@ -7,7 +7,13 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from srmil.cohort.samples import check_row_files, read_sample_sheet, segment_overrides
+from srmil.cohort.samples import (
+    OPTIONAL,
+    REQUIRED,
+    check_row_files,
+    read_sample_sheet,
+    segment_overrides,
+)
 from srmil.cohort.splits import check_cohort, fold_count, read_split_file
 from srmil.demo.plan import planned_sheet
 from srmil.errors import InputError
@@ -63,7 +69,9 @@ def load_samples():
             for a in sheet["annotation"]
         ]
         sheet["mpp"] = float("nan")
-        sheet["features"] = ""
+        for column in OPTIONAL:  # the sheet's optional columns, as reading it adds them
+            if column not in sheet:
+                sheet[column] = ""
         return sheet
     sheet = read_sheet(SETTINGS.samples, classes=SETTINGS.classes)
     validate(sheet, "../schemas/samples.schema.yaml")
@@ -302,9 +310,7 @@ PREDICT = SETTINGS.predict
 def load_predict_samples():
     """The sheet of new slides (labels optional), or an empty table when none is set."""
     if not PREDICT.samples:
-        return pd.DataFrame(
-            columns=["slide_id", "path", "annotation", "mpp", "features"]
-        )
+        return pd.DataFrame(columns=["slide_id", *REQUIRED[1:], *OPTIONAL])
     if not PREDICT.models_dir and (
         PREDICT.model not in MODELS or PREDICT.extractor not in EXTRACTORS
     ):

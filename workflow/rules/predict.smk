@@ -25,6 +25,8 @@ use rule tile_slide as predict_tile_slide with:
         slide=predict_slide_path,
         tissue="results/predict/segment/{slide}.geojson",
         seg_qc="results/predict/segment/{slide}.qc.png",
+        roi=sheet_file(PREDICT_SAMPLES, "roi"),
+        roi_exclude=sheet_file(PREDICT_SAMPLES, "roi_exclude"),
     output:
         tiles="results/predict/tiles/{slide}.json",
         qc="results/predict/tiles/{slide}.qc.png",
@@ -36,6 +38,8 @@ use rule tile_slide as predict_tile_slide with:
         slide=PREDICT_EXTRACTED_SLIDE,
     params:
         mpp=sheet_mpp(PREDICT_SAMPLES),
+        roi=sheet_cell(PREDICT_SAMPLES, "roi"),
+        roi_exclude=sheet_cell(PREDICT_SAMPLES, "roi_exclude"),
 
 
 use rule extract_features as predict_extract_features with:

@@ -3,6 +3,8 @@ rule tile_slide:
         slide=slide_path,
         tissue="results/segment/{slide}.geojson",
         seg_qc="results/segment/{slide}.qc.png",
+        roi=sheet_file(SAMPLES, "roi"),
+        roi_exclude=sheet_file(SAMPLES, "roi_exclude"),
     output:
         tiles="results/tiles/{slide}.json",
         qc=report(
@@ -25,10 +27,14 @@ rule tile_slide:
         mpp=slide_mpp,
         mpp_fallback=mpp_fallback(),
         params=as_json(SETTINGS.tile.model_dump()),
+        # the sheet's paths, which the command checks (inputs leave out missing files)
+        roi=sheet_cell(SAMPLES, "roi"),
+        roi_exclude=sheet_cell(SAMPLES, "roi_exclude"),
         on_bad_slide=on_bad_slide,
     shell:
         "srmil tile --slide={input.slide:q} --tissue {input.tissue}"
         " --mpp '{params.mpp}' --mpp-fallback '{params.mpp_fallback}' --params {params.params}"
+        " --roi={params.roi:q} --roi-exclude={params.roi_exclude:q}"
         " --seg-qc {input.seg_qc} --qc {output.qc} --out {output.tiles}"
         " {params.on_bad_slide} > {log} 2>&1"
 
