@@ -203,3 +203,19 @@ def test_workflow_predict_refuses_other_settings_while_it_parses(trained):
         assert "\n" not in str(err.value)
     untrained = {**fits, "predict": {**fits["predict"], "models_dir": str(models_dir / "none")}}
     check_predict_settings(load_settings({**untrained, "graph": {"window": 2}}))
+
+
+def test_a_config_spec_leaving_defaults_out_is_the_same_backbone():
+    """config.yaml writes a backbone as {model, pretrained}; the model file records the whole
+    spec (kwargs, pool, weights): the defaults are the same backbone, another pool is not."""
+    from srmil.mil.provenance import check_settings
+
+    recorded = {"kwargs": {}, "model": "resnet18", "pool": "model", "pretrained": False,
+                "weights": None}
+    meta = {"provenance": {"features": {"weights_hash": "ab" * 32, "backbone": recorded,
+                                        "mpp": 0.5, "patch_px": 224, "stride_px": 224}}}
+    tile = {"target_mpp": 0.5, "patch_px": 224, "stride_px": None}
+    check_settings(meta, "models", "r18", {"model": "resnet18", "pretrained": False}, tile, None)
+    with pytest.raises(PredictError, match=r"backbones\.r18: pool=cls\+mean, but .* pool=model"):
+        check_settings(meta, "models", "r18",
+                       {"model": "resnet18", "pretrained": False, "pool": "cls+mean"}, tile, None)

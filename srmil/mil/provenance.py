@@ -69,8 +69,12 @@ def check_settings(meta: dict[str, Any], models_dir: str | os.PathLike, extracto
     or pooling; the weights themselves are compared by hash once they are loaded), the tiling
     (`tile`: target_mpp, patch_px, stride_px) or the graph window. Each refusal names the key
     and the value that fits."""
+    from srmil.settings import BackboneSpec, section_from_dict
+
     trained = model_extractor(meta, models_dir)
     spec = trained.backbone if isinstance(trained.backbone, dict) else {}  # {}: not recorded
+    # As the workflow reads it: a config's spec may leave defaults out (kwargs, pool).
+    backbone = section_from_dict(BackboneSpec, backbone, f"backbones.{extractor}").model_dump()
 
     def pretrained(s: dict[str, Any]) -> bool:  # null means: published weights unless a file
         value = s.get("pretrained")
