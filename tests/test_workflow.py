@@ -382,3 +382,28 @@ def test_regions_of_interest_from_the_sheet_restrict_tiling(run: Path, tmp_path:
 def read_tiles_json(path: Path) -> tuple[list, list, dict]:
     data = json.loads(path.read_text())
     return data["coords_level0"], data["tissue_fraction"], data["plan"]
+
+
+@pytest.mark.slow
+def test_a_dicom_slide_predicts_as_the_slide_it_came_from(run: Path, tmp_path: Path) -> None:
+    """A cohort SVS converted to DICOM (wsidicomizer, tiles moved as they are), under a new id:
+    `snakemake predict` gives it the probability the evaluate stage gave the SVS from the fold
+    model that held it out (DICOM is read by OpenSlide, the SVS by the JPEG tile reader: the
+    decoders' rounding apart, the same pixels)."""
+    from test_dicom import _converter
+
+    converter = _converter()
+    evaluated = pd.read_csv(run / "results/eval/srmil/resnet18/predictions.csv")
+    sheet = pd.read_csv(run / "resources/demo/samples.csv")
+    original = next(r for r in sheet.itertuples() if r.path.endswith(".svs"))
+    converter.convert(run / "resources/demo" / original.path, tmp_path / "dicom series")
+    dicom = sorted((tmp_path / "dicom series").glob("*.dcm"))[0]
+    pd.DataFrame([{"slide_id": "scan-2024.07", "path": str(dicom)}]).to_csv(
+        tmp_path / "dicom.csv", index=False)
+    snakemake(run, "predict", "--config", f"predict={{samples: '{tmp_path / 'dicom.csv'}'}}")
+    table = pd.read_csv(run / "results/predict/srmil/resnet18/predictions.csv")
+    row = evaluated.set_index("slide_id").loc[original.slide_id]
+    assert list(table["slide_id"]) == ["scan-2024.07"]
+    assert table.at[0, f"prob_tumour_fold{row['fold']}"] == pytest.approx(row["prob_tumour"],
+                                                                         abs=1e-3)
+    assert (run / "results/predict/srmil/resnet18/heatmaps/scan-2024.07.png").is_file()
