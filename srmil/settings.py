@@ -356,6 +356,17 @@ class PredictSettings(Section):
     heatmaps: bool = Field(True, description="an attention heatmap of every new slide")
 
 
+class ReportSettings(Section):
+    """What the Snakemake report (`snakemake --report report.html`, or `.zip`) holds."""
+
+    slide_images: bool = Field(
+        True,
+        description="each slide's QC images and attention heatmaps in the report (about 4 MB "
+        "per slide on the demo); false keeps the report to the cohort's plots and tables, and "
+        "the images stay under results/",
+    )
+
+
 class Settings(Section):
     """config.yaml."""
 
@@ -396,6 +407,7 @@ class Settings(Section):
     ablation: AblationSettings = Field(default_factory=AblationSettings)
     study: StudySettings = Field(default_factory=StudySettings)
     predict: PredictSettings = Field(default_factory=PredictSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @model_validator(mode="after")
     def _extractors_defined(self) -> Settings:

@@ -266,6 +266,14 @@ def test_report_renders_with_the_plots(run: Path) -> None:
             f"Attention of {model} (resnet18 features) on test slide {slide},",
         ):
             assert caption in html, caption
+    # A cohort-sized report leaves each slide's images out; they stay under results/.
+    snakemake(run, "--report", "small.html", "all", "ablation", "--config",
+              "report={slide_images: false}")
+    small = (run / "small.html").read_text(errors="replace")
+    assert len(small) < len(html) / 2
+    for caption in ("Tissue segmentation", "Tiling", "Attention heatmaps"):
+        assert caption in html and caption not in small, caption
+    assert "Attention diagnostics" in small and "ROC curves of srmil" in small
 
 
 @pytest.mark.slow

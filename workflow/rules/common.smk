@@ -228,6 +228,12 @@ def scaled(base, per_slide=0.0):
     return lambda wildcards, attempt: int((base + per_slide * len(SLIDES)) * attempt)
 
 
+def slide_report(path, **kwargs):
+    """report() for a per-slide image (QC, heatmap), or the plain output when
+    report.slide_images is false: a large cohort's report then stays small."""
+    return report(path, **kwargs) if SETTINGS.report.slide_images else path
+
+
 # envs/srmil.yaml installs this checkout with `pip install -e ${SRMIL_ROOT}` (`--sdm conda`).
 os.environ.update(SRMIL_ROOT=workflow.basedir)
 

@@ -40,7 +40,7 @@ rule evaluate_model:
             category="Attention diagnostics",
             subcategory="{model} / {extractor}",
         ),
-        heatmaps=report(
+        heatmaps=slide_report(
             directory("results/eval/{model}/{extractor}/heatmaps"),
             patterns=["{slide}.png"],
             caption="../report/heatmap.rst",

@@ -117,7 +117,7 @@ rule predict_model:
         slides=slide_files(PREDICT_SAMPLES),
     output:
         predictions="results/predict/{model}/{extractor}/predictions.csv",
-        heatmaps=report(
+        heatmaps=slide_report(
             directory("results/predict/{model}/{extractor}/heatmaps"),
             patterns=["{slide}.png"],
             caption="../report/predict_heatmap.rst",

@@ -4,7 +4,7 @@ rule segment_slide:
         annotation=slide_annotation,
     output:
         geojson="results/segment/{slide}.geojson",
-        qc=report(
+        qc=slide_report(
             "results/segment/{slide}.qc.png",
             caption="../report/segment.rst",
             category="Tissue segmentation",

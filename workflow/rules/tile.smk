@@ -7,7 +7,7 @@ rule tile_slide:
         roi_exclude=sheet_file(SAMPLES, "roi_exclude"),
     output:
         tiles="results/tiles/{slide}.json",
-        qc=report(
+        qc=slide_report(
             "results/tiles/{slide}.qc.png",
             caption="../report/tile.rst",
             category="Tiling",
