@@ -12,21 +12,32 @@ unchanged on it (default settings), writing their GeoJSON, tile set and QC image
 
 Prints, per size, the process's peak RSS after the imports, after segmentation and after
 tiling (getrusage high-water marks, MiB: the last is the peak of both steps), and the seconds
-taken. Figures and their reading: docs/segmentation.md, section Memory.
+taken.
+
+    python benchmarks/segment_tile_memory.py --file 100000x80000 --work /tmp/large
+
+writes the same drawing at that size (level-0 px) as a real pyramidal TIFF (JPEG tiles, levels
+1/4/16/64/256, µm/px in its resolution tags; a few minutes and about 0.3 GB the first time,
+reused after) and runs `srmil segment` and `srmil tile` on it as separate processes, as the
+workflow's jobs do, printing each process's own peak RSS (from wait4) and seconds.
+Figures and their reading: docs/segmentation.md, section Memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 DOWNSAMPLES = (1.0, 4.0, 16.0, 64.0, 256.0)
+TILE_PX = 256
 
 
 def peak_mib() -> float:
@@ -55,20 +66,89 @@ class SyntheticSlide:
     def close(self) -> None:
         pass
 
+    def tissue(self, x0: float, y0: float, ds: float, w: int, h: int):
+        """Tissue at the centres of w x h px of size ds level-0 px from (x0, y0), as a mask."""
+        np = self.np
+        width, height = self.dimensions
+        # Relative coordinates as a row and a column: broadcasting keeps temporaries small.
+        x = ((x0 + (np.arange(w) + 0.5) * ds) / width)[None, :]
+        y = ((y0 + (np.arange(h) + 0.5) * ds) / height)[:, None]
+        tissue = ((x - 0.5) / 0.4) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1
+        return tissue & (((x - 0.4) / 0.03) ** 2 + ((y - 0.5) / 0.03) ** 2 >= 1)
+
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]):
         from PIL import Image
 
-        np = self.np
-        ds, (w, h) = DOWNSAMPLES[level], size
-        width, height = self.dimensions
-        # Relative coordinates as a row and a column: broadcasting keeps temporaries small.
-        x = ((location[0] + (np.arange(w) + 0.5) * ds) / width)[None, :]
-        y = ((location[1] + (np.arange(h) + 0.5) * ds) / height)[:, None]
-        tissue = ((x - 0.5) / 0.4) ** 2 + ((y - 0.5) / 0.35) ** 2 < 1
-        tissue &= ((x - 0.4) / 0.03) ** 2 + ((y - 0.5) / 0.03) ** 2 >= 1
-        rgba = np.full((h, w, 4), 255, np.uint8)
+        tissue = self.tissue(*location, DOWNSAMPLES[level], *size)
+        rgba = self.np.full((size[1], size[0], 4), 255, self.np.uint8)
         rgba[tissue, :3] = (215, 140, 185)
         return Image.fromarray(rgba, "RGBA")
+
+    def tiles(self, level: int) -> Iterator:
+        """The level's RGB tiles, row-major, as a tiled TIFF holds them. A tile whose 16 x 16
+        probe is all glass or all tissue is taken as flat (the shapes are smooth and large)."""
+        ds = DOWNSAMPLES[level]
+        w, h = self.level_dimensions[level]
+        flat = {value: self.np.full((TILE_PX, TILE_PX, 3), colour, self.np.uint8)
+                for value, colour in ((False, 255), (True, (215, 140, 185)))}
+        for y in range(0, h, TILE_PX):
+            for x in range(0, w, TILE_PX):
+                probe = self.tissue(x * ds, y * ds, ds * TILE_PX / 16, 16, 16)
+                if probe.all() or not probe.any():
+                    yield flat[bool(probe[0, 0])]
+                else:
+                    yield self.np.asarray(self.read_region(
+                        (round(x * ds), round(y * ds)), level, (TILE_PX, TILE_PX)))[..., :3]
+
+
+def write_slide_file(path: Path, slide: SyntheticSlide, mpp: float) -> None:
+    """`slide` as a generic pyramidal TIFF that OpenSlide reads (the demo's TIFF options)."""
+    import numpy as np
+    import tifffile
+
+    from srmil.demo.write import TIFF_OPTIONS
+    from srmil.store import atomic_path
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
+        for level, ds in enumerate(DOWNSAMPLES):
+            w, h = slide.level_dimensions[level]
+            tif.write(slide.tiles(level), shape=(h, w, 3), dtype=np.uint8,
+                      tile=(TILE_PX, TILE_PX), subfiletype=1 if level else 0,
+                      resolution=(1e4 / (mpp * ds),) * 2, resolutionunit="CENTIMETER",
+                      **TIFF_OPTIONS)
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one process, its own high-water mark from wait4."""
+    t = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        pid = subprocess.Popen(cmd, stdout=devnull, stderr=subprocess.PIPE).pid
+    _, status, usage = os.wait4(pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
+    return time.perf_counter() - t, usage.ru_maxrss / 1024
+
+
+def measure_file(width: int, height: int, mpp: float, work: Path) -> dict:
+    """Segment and tile a real slide file of that size with srmil's commands, as the jobs do."""
+    slide_path = work / f"synthetic_{width}x{height}.tif"
+    t = time.perf_counter()
+    if not slide_path.exists():
+        write_slide_file(slide_path, SyntheticSlide(width, height, mpp), mpp)
+    written = time.perf_counter() - t
+    srmil = [sys.executable, "-m", "srmil.cli"]
+    out = work / f"out_{width}x{height}"
+    geojson, seg_qc = out / "s.geojson", out / "s.qc.png"
+    seg_s, seg_mib = run_measured(srmil + ["segment", "--slide", str(slide_path), "--out",
+                                           str(geojson), "--qc", str(seg_qc)])
+    tile_s, tile_mib = run_measured(srmil + [
+        "tile", "--slide", str(slide_path), "--tissue", str(geojson), "--seg-qc", str(seg_qc),
+        "--qc", str(out / "t.qc.png"), "--out", str(out / "s.tiles.json")])
+    n_tiles = json.loads((out / "s.tiles.json").read_text())["plan"]["n_tiles"]
+    return {"size_px": f"{width}x{height}", "file_gb": round(slide_path.stat().st_size / 1e9, 2),
+            "write_s": round(written, 1), "n_tiles": n_tiles,
+            "segment_mib": round(seg_mib), "segment_s": round(seg_s, 1),
+            "tile_mib": round(tile_mib), "tile_s": round(tile_s, 1)}
 
 
 def measure_one(width_mm: float, height_mm: float, mpp: float) -> dict:
@@ -112,8 +192,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--sizes", nargs="+", default=["8x6", "25x20", "50x25", "100x75"], help="mm, WxH"
     )
     parser.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px")
+    parser.add_argument("--file", default=None, metavar="WxH",
+                        help="a real TIFF of this many level-0 px instead (see above)")
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/out/memory"),
+                        help="where --file writes the slide (reused) and the outputs")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
+    if args.file:
+        w, h = (int(v) for v in args.file.split("x"))
+        row = measure_file(w, h, args.mpp, args.work)
+        print(json.dumps(row))
+        return [row]
     if args.one:
         w, h = (float(v) for v in args.one.split("x"))
         print(json.dumps(measure_one(w, h, args.mpp)))

@@ -115,6 +115,29 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def write_json_columns(
+    path: str | os.PathLike, head: Mapping[str, Any], columns: Mapping[str, np.ndarray],
+    chunk: int = 1 << 16,
+) -> None:
+    """A JSON object: `head`'s keys (indented as `write_json` does), then one flat array per
+    column, each on one line.
+
+    The columns are written `chunk` numbers at a time, so a table of millions of rows never
+    exists as Python objects at once (a list of 1.7 million tile rows took 700 MiB that way)."""
+    text = json.dumps(dict(head), indent=2, sort_keys=True, default=_json_default)
+    lines = [text[:-2]] if head else ["{"]  # the head without its closing "\n}"
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(lines[0])
+        for i, (name, values) in enumerate(columns.items()):
+            f.write(("," if head or i else "") + f"\n  {json.dumps(name)}: [")
+            values = np.asarray(values).ravel()
+            for at in range(0, len(values), chunk):
+                part = json.dumps(values[at:at + chunk].tolist())[1:-1]
+                f.write(", " + part if at else part)
+            f.write("]")
+        f.write("\n}\n")
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

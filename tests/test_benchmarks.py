@@ -5,6 +5,7 @@ It checks that the scripts still run and fit together, not their figures (about 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -111,3 +112,20 @@ def test_compare_runs_tells_equal_outputs_from_different_ones(tmp_path: Path) ->
         "  differs: results/models/fold_0.json",
         "  differs: results/models/fold_0.pt",
     ]
+
+
+def test_memory_benchmark_real_file_matches_its_stand_in(tmp_path: Path) -> None:
+    """benchmarks/segment_tile_memory.py --file writes its drawing as a real TIFF, which srmil's
+    commands segment and tile into as many patches as the in-memory stand-in gives."""
+    script = REPO / "benchmarks" / "segment_tile_memory.py"
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, timeout=300,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    row = json.loads(run("--file", "8192x6144", "--work", str(tmp_path)))
+    assert row["segment_mib"] > 0 and row["tile_mib"] > 0
+    stand_in = run("--sizes", "2.048x1.536").splitlines()[1].split()
+    assert stand_in[1] == "8192x6144" and int(stand_in[3]) == row["n_tiles"] > 50

@@ -388,8 +388,10 @@ def test_regions_of_interest_from_the_sheet_restrict_tiling(run: Path, tmp_path:
 
 
 def read_tiles_json(path: Path) -> tuple[list, list, dict]:
+    """A tile set as a user reads it (plain JSON): origins as [x, y] pairs, fractions, plan."""
     data = json.loads(path.read_text())
-    return data["coords_level0"], data["tissue_fraction"], data["plan"]
+    coords = [list(xy) for xy in zip(data["x"], data["y"], strict=True)]
+    return coords, data["tissue_fraction"], data["plan"]
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def write_tile_record(tiles: str | os.PathLike, qc_png: str | os.PathLike | None
                       reason: str) -> None:
     # Not a ReadPlan: there is nothing to read (later stages check for the record first).
     store.write_json(tiles, {"plan": {EXCLUDED: reason, "n_tiles": 0, "srmil_version": __version__},
-                             "coords_level0": [], "tissue_fraction": []})
+                             "x": [], "y": [], "tissue_fraction": []})
     if qc_png:
         write_reason_png(qc_png, reason)
 

@@ -111,13 +111,15 @@ def write_tiles(
     tissue_fraction: np.ndarray,
     plan: ReadPlan,
 ) -> None:
-    """A tile set (JSON): the origins (N x 2, x/y in level-0 px), their tissue fractions and the
-    read plan."""
+    """A tile set (JSON): the read plan, then one column each for the origins' x and y (level-0
+    px) and their tissue fractions, written a chunk at a time (`store.write_json_columns`).
+    The plan's n_tiles is the number of origins."""
     coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-    store.write_json(path, {
-        "plan": asdict(plan),
-        "coords_level0": coords_level0.tolist(),
-        "tissue_fraction": np.round(np.asarray(tissue_fraction, dtype=float), 4).tolist(),
+    plan = replace(plan, n_tiles=len(coords_level0))
+    store.write_json_columns(path, {"plan": asdict(plan)}, {
+        "x": coords_level0[:, 0],
+        "y": coords_level0[:, 1],
+        "tissue_fraction": np.round(np.asarray(tissue_fraction, dtype=float), 4),
     })
 
 
@@ -127,11 +129,18 @@ def read_tiles(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, ReadPla
     data = store.read_json(path)
     try:
         plan = ReadPlan(**data["plan"])
-    except (KeyError, TypeError) as err:
+        if "coords_level0" in data:  # tile sets written before 2026-12-07 held rows [[x, y], ...]
+            coords = np.asarray(data.pop("coords_level0"), dtype=np.int64).reshape(-1, 2)
+        else:
+            coords = np.stack([np.asarray(data.pop(k), dtype=np.int64) for k in "xy"], 1)
+        fraction = np.asarray(data.pop("tissue_fraction"), dtype=np.float64)
+        if not len(coords) == len(fraction) == plan.n_tiles:
+            raise ValueError(f"{len(coords)} origins, {len(fraction)} tissue fractions and "
+                             f"n_tiles {plan.n_tiles} differ")
+    except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: not a tile set of this srmil version ({err}); rerun the tile "
                          "step") from None
-    coords = np.asarray(data["coords_level0"], dtype=np.int64).reshape(-1, 2)
-    return coords, np.asarray(data["tissue_fraction"], dtype=np.float64), plan
+    return coords.reshape(-1, 2), fraction, plan
 
 
 def grid_shape(plan: ReadPlan) -> tuple[int, int]:
