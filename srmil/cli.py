@@ -463,9 +463,11 @@ def _parser_features_graph(sub: Any) -> None:
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("import", help="a CLAM or TRIDENT HDF5 file, or an srmil store from "
-                       "another run, as this slide's feature store and tile set")
-    p.add_argument("--features", required=True, help="the feature file (.h5) or store (.zarr)")
+    p = sub.add_parser("import", help="a CLAM, TRIDENT or STAMP HDF5 file, or an srmil store "
+                       "from another run, as this slide's feature store and tile set")
+    p.add_argument("--features", required=True,
+                   help="the feature file (.h5) or store (.zarr); STAMP's coordinates (µm) are "
+                   "converted to level-0 px with the slide's µm/px (--slide or --mpp)")
     p.add_argument("--out", default="", help="feature store output (Zarr); needs --extractor")
     p.add_argument("--tiles-out", default="", help="tile set output (JSON)")
     p.add_argument("--extractor", default="", help="the extractor name the features go by")
@@ -475,10 +477,16 @@ def _parser_features_graph(sub: Any) -> None:
     _add_exclude_failed(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="feature stores in CLAM's or TRIDENT's HDF5 layout")
+    p = sub.add_parser("export", help="feature stores in CLAM's, TRIDENT's or STAMP's HDF5 "
+                       "layout")
     p.add_argument("--features-dir", required=True, help="results/features/{extractor}")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--layout", required=True, choices=("clam", "trident"))
+    p.add_argument("--layout", required=True, choices=("clam", "trident", "stamp"),
+                   help="clam: OUT/h5_files/{slide}.h5 and OUT/pt_files/{slide}.pt (level-0 px); "
+                   "trident: OUT/{slide}.h5 (level-0 px, magnifications); stamp: OUT/{slide}.h5 "
+                   "with feats and coords in µm, attributes extractor, unit, tile_size_um, "
+                   "tile_size_px, feat_type (STAMP 2.1's); each carries srmil's provenance as "
+                   "srmil_provenance")
     p.add_argument("--tiles-dir", default="", help="results/tiles (slide sizes for TRIDENT)")
     p.set_defaults(func=cmd_export)
 

@@ -14,7 +14,7 @@ import pandas as pd
 from srmil.errors import InputError
 
 REQUIRED = ("slide_id", "path")
-# `features`: a feature file the slide already has (CLAM or TRIDENT HDF5, or an srmil store),
+# `features`: a feature file the slide already has (CLAM, TRIDENT or STAMP HDF5, or an srmil store),
 # imported instead of segmenting, tiling and extracting (srmil.features.imported).
 # `roi`, `roi_exclude`: GeoJSON of regions to tile (QuPath's export), and of regions to leave out.
 OPTIONAL = ("patient_id", "label", "annotation", "mpp", "features", "roi", "roi_exclude")

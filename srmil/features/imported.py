@@ -1,6 +1,6 @@
-"""Features a slide already has, and features for other tools: CLAM's and TRIDENT's HDF5 files
-and srmil's own Zarr stores from another run, imported as this workflow's feature store and tile
-set (`import_features`, `import_tiles`), and srmil's stores exported to those HDF5 layouts
+"""Features a slide already has, and features for other tools: CLAM's, TRIDENT's and STAMP's HDF5
+files and srmil's own Zarr stores from another run, imported as this workflow's feature store and
+tile set (`import_features`, `import_tiles`), and srmil's stores exported to those HDF5 layouts
 (`export_store`).
 
 The layouts, as the tools write them (read from their code; docs/features.md):
@@ -11,6 +11,13 @@ The layouts, as the tools write them (read from their code; docs/features.md):
 - TRIDENT (`features_{encoder}/{slide}.h5`): the same two datasets; `coords` carries
   `patch_size` (at the target magnification), `patch_size_level0`, `level0_magnification`,
   `target_magnification`, `overlap`, `level0_width`, `level0_height`; `features` the `encoder`.
+- STAMP (KatherLab/STAMP, `{extractor}/{slide}.h5`; read at commit c54ce06, v2.5.0:
+  `src/stamp/preprocessing/__init__.py` writes, `src/stamp/modeling/data.py::get_coords` reads):
+  datasets `feats` (N x D float16) and `coords` (N x 2 float32, µm of each tile's top-left
+  corner at level 0); root attributes `extractor`, `unit` ("um"), `tile_size_um`, `tile_size_px`,
+  `feat_type` ("tile"), `stamp_version`, `code_hash`. STAMP 2.0 named the tile side `tile_size`
+  (beside `unit`); STAMP 1 (v1.1.1) wrote no units: its coords are px of the 256 µm / 224 px
+  tiles, which STAMP 2 still assumes for a file whose tiles step 224.
 - srmil: a feature store (`{slide}.zarr`) with its provenance.
 
 The coordinates must form one square patch grid (origins on multiples of one step, one patch per
@@ -33,7 +40,7 @@ from srmil.errors import InputError
 from srmil.store import FeatureProvenance
 from srmil.wsi.tiling import ReadPlan, read_tiles, write_tiles
 
-LAYOUTS = ("clam", "trident")
+LAYOUTS = ("clam", "trident", "stamp")
 # Magnification to µm/px, as TRIDENT and CLAM's presets take it: 40x = 0.25 µm/px.
 MAG_TIMES_MPP = 10.0
 # Origins may be off the grid by this many level-0 px (rounding of fractional steps).
@@ -41,6 +48,9 @@ GRID_TOLERANCE = 1.0
 # An HDF5 root attribute holding srmil's whole provenance, so that an exported file imports back
 # with it (other tools ignore it).
 PROVENANCE_ATTR = "srmil_provenance"
+# STAMP 1's tiles, which STAMP 2 assumes for a file without units whose tiles step 224.
+STAMP1_TILE_PX = 224
+STAMP1_TILE_UM = 256.0
 
 
 class FeatureFileError(InputError):
@@ -52,9 +62,9 @@ class FeatureFile:
     """One slide's features as another tool (or another srmil run) left them."""
 
     path: Path
-    format: str  # clam, trident or srmil
+    format: str  # clam, trident, stamp or srmil
     features: np.ndarray  # N x D
-    coords: np.ndarray  # N x 2 int64, level-0 px
+    coords: np.ndarray  # N x 2: int64 level-0 px, or the file's unit while coord_unit_um is set
     patch_level0: float | None  # patch side in level-0 px, where the file says
     patch_px: int | None  # patch side at the target resolution
     level: int  # the pyramid level the tool read
@@ -64,11 +74,17 @@ class FeatureFile:
     height: int | None
     encoder: str | None
     provenance: FeatureProvenance | None = None  # srmil's, complete
+    # STAMP's coordinates are µm (STAMP 1's, px of 256/224 µm): µm per coordinate unit and the
+    # tile side in µm, until `in_level0_px` converts them with the slide's µm/px.
+    coord_unit_um: float | None = None
+    patch_um: float | None = None
+    stamp_grid: bool = False  # tiles cut by STAMP 2's tiler (`in_level0_px`)
 
 
 def read_feature_file(path: str | os.PathLike) -> FeatureFile:
-    """A CLAM or TRIDENT HDF5 file, or an srmil feature store, checked for its datasets and
-    their shapes (not yet for the grid: `grid_step`)."""
+    """A CLAM, TRIDENT or STAMP HDF5 file, or an srmil feature store, checked for its datasets
+    and their shapes (not yet for the grid: `grid_step`). A STAMP file's coordinates stay in µm
+    until `in_level0_px`, unless srmil wrote it (its provenance records the slide's µm/px)."""
     path = Path(path)
     if path.is_dir():
         return _read_store(path)
@@ -79,24 +95,30 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
 
     try:
         with h5py.File(path, "r") as f:
-            missing = [name for name in ("features", "coords") if name not in f]
-            if missing:
-                hint = ("; CLAM's pt_files/ hold no coordinates, use its h5_files/"
-                        if "coords" in missing else "")
-                raise FeatureFileError(f"{path}: no {' and no '.join(missing)} dataset; a feature "
-                                       f"file holds features (N x D) and coords (N x 2){hint}")
-            features, coords = f["features"][()], f["coords"][()]
-            attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
-            encoder = f["features"].attrs.get("encoder")
-            provenance = f.attrs.get(PROVENANCE_ATTR)
+            if "feats" in f and "features" not in f:
+                return _read_stamp(path, f)
+            return _read_clam_or_trident(path, f)
     except OSError as err:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({err}); export the features "
                                "again or fix the path") from None
-    features, coords = _check_arrays(path, features, coords)
+
+
+def _read_clam_or_trident(path: Path, f: Any) -> FeatureFile:
+    missing = [name for name in ("features", "coords") if name not in f]
+    if missing:
+        hint = ("; CLAM's pt_files/ hold no coordinates, use its h5_files/"
+                if "coords" in missing else "")
+        raise FeatureFileError(f"{path}: no {' and no '.join(missing)} dataset; a feature file "
+                               f"holds features (N x D) and coords (N x 2), or STAMP's feats "
+                               f"and coords{hint}")
+    features, coords = _check_arrays(path, f["features"][()], f["coords"][()])
+    attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+    encoder = f["features"].attrs.get("encoder")
+    encoder = _plain(encoder) if encoder is not None else None
+    provenance = f.attrs.get(PROVENANCE_ATTR)
     if provenance is not None:  # written by export_store: srmil's own provenance comes back
-        prov = FeatureProvenance.from_attrs(json.loads(provenance))
         fmt = "trident" if "patch_size_level0" in attrs else "clam"
-        return replace(_from_provenance(path, fmt, features, coords, prov),
+        return replace(_from_provenance(path, fmt, features, coords, _provenance(provenance)),
                        width=_integer(attrs.get("level0_width")),
                        height=_integer(attrs.get("level0_height")))
     if "patch_size_level0" in attrs:
@@ -111,7 +133,7 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
             target_mpp=MAG_TIMES_MPP / target_mag if target_mag else None,
             width=_integer(attrs.get("level0_width")),
             height=_integer(attrs.get("level0_height")),
-            encoder=_plain(encoder) if encoder is not None else None,
+            encoder=encoder,
         )  # fmt: skip
     downsample = attrs.get("downsample")
     size = attrs.get("patch_size")
@@ -120,8 +142,85 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(path, "clam", features, coords, patch_level0=level0,
                        patch_px=int(size) if size is not None else None,
                        level=int(attrs.get("patch_level", 0)), slide_mpp=None, target_mpp=None,
-                       width=None, height=None,
-                       encoder=_plain(encoder) if encoder is not None else None)
+                       width=None, height=None, encoder=encoder)
+
+
+def _read_stamp(path: Path, f: Any) -> FeatureFile:
+    """STAMP's `feats` and `coords` (µm), with its root attributes (the module's docstring)."""
+    if "coords" not in f:
+        raise FeatureFileError(f"{path}: a STAMP file (feats) without a coords dataset; srmil "
+                               "needs each tile's position: extract it with stamp preprocess, "
+                               "which writes coords")
+    features, coords = _check_arrays(path, f["feats"][()], f["coords"][()], unit="µm")
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    unit_um, tile_um, tile_px = _stamp_units(path, attrs, coords)
+    found = FeatureFile(path, "stamp", features, coords, patch_level0=None, patch_px=tile_px,
+                        level=0, slide_mpp=None,
+                        target_mpp=tile_um / tile_px if tile_px else None, width=None,
+                        height=None, encoder=attrs.get("extractor") or None,
+                        coord_unit_um=unit_um, patch_um=tile_um,
+                        stamp_grid=unit_um == 1.0 and PROVENANCE_ATTR not in attrs)
+    if PROVENANCE_ATTR not in attrs:
+        return found
+    # Written by export_store from level-0 px and the slide µm/px it records: back to those px.
+    prov = _provenance(attrs[PROVENANCE_ATTR])
+    if not prov.slide_mpp:
+        raise FeatureFileError(f"{path}: its srmil provenance records no slide µm/px; export the "
+                               "store again")
+    px = in_level0_px(found, prov.slide_mpp)
+    return _from_provenance(path, "stamp", px.features, px.coords, prov)
+
+
+def _stamp_units(path: Path, attrs: dict[str, Any],
+                 coords: np.ndarray) -> tuple[float, float, int | None]:
+    """(µm per coordinate unit, tile side in µm, tile side in px) of a STAMP file, read as
+    STAMP's own reader (`get_coords`) reads them."""
+    unit = attrs.get("unit")
+    if unit not in (None, "um"):
+        raise FeatureFileError(f"{path}: STAMP coordinates in unit {unit!r}, which srmil does not "
+                               "know; write coords in µm with the attribute unit='um', or "
+                               "extract again with stamp preprocess")
+    tile_um = _number(attrs.get("tile_size_um"))  # STAMP 2.1 and later
+    if tile_um is None and unit == "um":
+        tile_um = _number(attrs.get("tile_size"))  # STAMP 2.0
+    if tile_um is not None:
+        return 1.0, tile_um, _integer(attrs.get("tile_size_px"))
+    if unit == "um":
+        raise FeatureFileError(f"{path}: STAMP coordinates in µm but no tile size; add the tile "
+                               "side in µm as the attribute tile_size_um, or extract again with "
+                               "stamp preprocess")
+    step = _number(attrs.get("tile_size")) or _smallest_gap(coords)
+    if step is None or round(step) != STAMP1_TILE_PX:
+        said = f"step {step:g}" if step is not None else "give no step"
+        raise FeatureFileError(f"{path}: a STAMP file without a unit attribute whose tiles {said},"
+                               f" not STAMP 1's {STAMP1_TILE_PX} px: the coordinates' unit is "
+                               "unknown; extract again with stamp preprocess (2.1 or later "
+                               "writes unit and tile_size_um)")
+    return STAMP1_TILE_UM / STAMP1_TILE_PX, STAMP1_TILE_UM, STAMP1_TILE_PX
+
+
+def _smallest_gap(coords: np.ndarray) -> float | None:
+    """The smallest step between distinct values of either axis (STAMP's `get_stride`)."""
+    gaps = [np.diff(np.unique(axis)).min() for axis in coords.T if len(np.unique(axis)) > 1]
+    return float(min(gaps)) if gaps else None
+
+
+def in_level0_px(found: FeatureFile, slide_mpp: float) -> FeatureFile:
+    """`found` with its coordinates and patch side in level-0 px: STAMP's µm divided by the
+    slide's µm/px (other layouts are already in px)."""
+    if found.coord_unit_um is None:
+        return found
+    px = found.coords * (found.coord_unit_um / slide_mpp)
+    patch_level0 = found.patch_um / slide_mpp if found.patch_um else None
+    if found.stamp_grid and patch_level0:
+        # STAMP 2 (`tiling._supertiles`) reads every tile as ceil(tile µm / slide µm/px) level-0
+        # px on a grid of that step from the origin, but records a tile's origin as its
+        # supertile's plus k tile µm, short of the grid by up to k px where the division is not
+        # whole (10x slides): the pixels lie on the grid, so the origins go back onto it.
+        step = float(np.ceil(found.patch_um / slide_mpp))
+        px, patch_level0 = np.rint(px / step) * step, step
+    return replace(found, coords=np.rint(px).astype(np.int64), patch_level0=patch_level0,
+                   coord_unit_um=None, stamp_grid=False)
 
 
 def _read_store(path: Path) -> FeatureFile:
@@ -141,7 +240,14 @@ def _from_provenance(path: Path, fmt: str, features: np.ndarray, coords: np.ndar
                        encoder=prov.extractor, provenance=prov)
 
 
-def _check_arrays(path: Path, features: Any, coords: Any) -> tuple[np.ndarray, np.ndarray]:
+def _provenance(text: Any) -> FeatureProvenance:
+    return FeatureProvenance.from_attrs(json.loads(text))
+
+
+def _check_arrays(path: Path, features: Any, coords: Any,
+                  unit: str = "level-0 px") -> tuple[np.ndarray, np.ndarray]:
+    """Features (N x D floats) and coordinates (N x 2, finite, not negative); coordinates in
+    level-0 px are rounded to whole px, others (STAMP's µm) kept as floats."""
     features, coords = np.asarray(features), np.asarray(coords)
     if coords.ndim == 3 and coords.shape[0] == 1:  # some tools keep a batch axis
         coords = coords[0]
@@ -152,13 +258,15 @@ def _check_arrays(path: Path, features: Any, coords: Any) -> tuple[np.ndarray, n
                                f"{features.dtype}; expected N x D floats, one row per patch")
     if coords.ndim != 2 or coords.shape[1] != 2 or len(coords) != len(features):
         raise FeatureFileError(f"{path}: coords of shape {coords.shape} for {len(features)} "
-                               "feature rows; expected N x 2 (x, y of each patch, level-0 px)")
+                               f"feature rows; expected N x 2 (x, y of each patch, {unit})")
     if not np.isfinite(features).all():
         raise FeatureFileError(f"{path}: features hold NaN or infinite values; extract them "
                                "again")
     if not np.isfinite(coords).all() or (coords < 0).any():
-        raise FeatureFileError(f"{path}: negative or non-finite coordinates; expected level-0 "
-                               "px of each patch's top-left corner")
+        raise FeatureFileError(f"{path}: negative or non-finite coordinates; expected {unit} "
+                               "of each patch's top-left corner")
+    if unit != "level-0 px":
+        return features, coords.astype(np.float64)
     return features, np.rint(coords).astype(np.int64)
 
 
@@ -214,8 +322,7 @@ def import_tiles(source: str | os.PathLike, out_tiles: str | os.PathLike,
                  mpp: float | None = None) -> ReadPlan:
     """Write the coordinates of `source` (a feature file or store) as the slide's tile set,
     which the graph and the heatmaps then use as they use srmil's own."""
-    found = read_feature_file(source)
-    plan = imported_plan(found, slide_path, mpp)
+    found, plan = read_imported(source, slide_path, mpp)
     write_tiles(out_tiles, found.coords, np.ones(len(found.coords)), plan)
     return plan
 
@@ -226,8 +333,7 @@ def import_features(source: str | os.PathLike, out_store: str | os.PathLike, ext
     """Write the features of `source` as this workflow's feature store of `extractor`, with
     their provenance: srmil's own where the file has it (the extractor and weights it was made
     with), else the file's format, encoder and sha256."""
-    found = read_feature_file(source)
-    plan = imported_plan(found, slide_path, mpp)
+    found, plan = read_imported(source, slide_path, mpp)
     source_info = {"path": str(found.path), "format": found.format,
                    "sha256": _digest(found.path)}
     if found.provenance is not None:
@@ -255,11 +361,23 @@ def import_features(source: str | os.PathLike, out_store: str | os.PathLike, ext
     return provenance
 
 
-def imported_plan(found: FeatureFile, slide_path: str | os.PathLike | None,
-                  mpp: float | None) -> ReadPlan:
-    """The read plan an imported file stands for: its grid (checked), patch size and
-    resolution, and the slide's size (from the slide file where given)."""
+def read_imported(source: str | os.PathLike, slide_path: str | os.PathLike | None = None,
+                  mpp: float | None = None) -> tuple[FeatureFile, ReadPlan]:
+    """The feature file `source` with its patches in level-0 px (STAMP's µm divided by the
+    slide's µm/px), and the read plan it stands for: its grid (checked), patch size and
+    resolution, and the slide's size (from the slide file where given, else the patches')."""
+    found = read_feature_file(source)
     width, height, slide_mpp, mpp_source = _slide_facts(found, slide_path, mpp)
+    found = in_level0_px(found, slide_mpp)
+    if width is None or height is None:  # the extent of the patches
+        size = found.patch_level0 or 0
+        far = found.coords.max(axis=0) + size if len(found.coords) else np.zeros(2)
+        width, height = int(np.ceil(far[0])), int(np.ceil(far[1]))
+    return found, _plan(found, width, height, slide_mpp, mpp_source)
+
+
+def _plan(found: FeatureFile, width: int, height: int, slide_mpp: float,
+          mpp_source: str) -> ReadPlan:
     if found.provenance is not None and found.provenance.stride_level0:
         step = float(found.provenance.stride_level0)
         grid_step(found.coords, found.patch_level0, found.path)  # still one patch per cell
@@ -285,8 +403,9 @@ def imported_plan(found: FeatureFile, slide_path: str | os.PathLike | None,
 
 
 def _slide_facts(found: FeatureFile, slide_path: str | os.PathLike | None,
-                 mpp: float | None) -> tuple[int, int, float, str]:
-    """(width, height, level-0 µm/px, where the µm/px came from) of the slide."""
+                 mpp: float | None) -> tuple[int | None, int | None, float, str]:
+    """(width, height, level-0 µm/px, where the µm/px came from) of the slide; its size is
+    None where neither the slide file nor the feature file gives it."""
     width, height, slide_mpp, source = found.width, found.height, found.slide_mpp, "feature file"
     if slide_path:
         from srmil.wsi.slide import open_slide, slide_info
@@ -297,30 +416,31 @@ def _slide_facts(found: FeatureFile, slide_path: str | os.PathLike | None,
     elif mpp is not None and np.isfinite(mpp):
         slide_mpp, source = float(mpp), "sample sheet"
     if slide_mpp is None:
+        why = " of the slide (its coordinates are in µm)" if found.coord_unit_um else ""
         raise FeatureFileError(f"{found.path}: a {found.format.upper()} feature file records no "
-                               "µm/px; give the slide file in the sheet's path column or its "
-                               "µm/px in an mpp column")
-    if width is None or height is None:  # the extent of the patches
-        size = found.patch_level0 or 0
-        far = found.coords.max(axis=0) + size if len(found.coords) else np.zeros(2)
-        width, height = int(np.ceil(far[0])), int(np.ceil(far[1]))
-    return int(width), int(height), float(slide_mpp), source
+                               f"µm/px{why}; give the slide file in the sheet's path "
+                               "column or its µm/px in an mpp column")
+    return width, height, float(slide_mpp), source
 
 
 def export_store(store_path: str | os.PathLike, out_dir: str | os.PathLike, layout: str,
                  tiles_path: str | os.PathLike | None = None) -> list[Path]:
     """Write one srmil feature store in CLAM's layout (`h5_files/{slide}.h5` and
-    `pt_files/{slide}.pt`) or TRIDENT's (`{slide}.h5`); returns the files written. The slide's
-    tile set (`tiles_path`), where given, supplies its size for TRIDENT's attributes."""
+    `pt_files/{slide}.pt`), TRIDENT's or STAMP's (`{slide}.h5`); returns the files written. The
+    slide's tile set (`tiles_path`), where given, supplies its size for TRIDENT's attributes."""
     if layout not in LAYOUTS:
         raise InputError(f"layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     features, coords, attrs = store.read_feature_store(store_path)
     prov = FeatureProvenance.from_attrs(attrs)
-    if attrs.get("excluded") or prov.patch_level0 is None:
+    if attrs.get("excluded") or prov.patch_level0 is None or not prov.slide_mpp:
         raise InputError(f"{store_path}: not a feature store of an extracted slide; rerun the "
                          "features step")
     name = Path(store_path).name.removesuffix(".zarr")
     out = Path(out_dir)
+    if layout == "stamp":
+        with store.atomic_path(out / f"{name}.h5", ".h5") as tmp:
+            _write_stamp(tmp, features, coords, prov, attrs)
+        return [out / f"{name}.h5"]
     coords_attrs: dict[str, Any]
     if layout == "clam":  # CLAM's patch attributes at level 0: its readers need no pyramid
         h5_path = out / "h5_files" / f"{name}.h5"
@@ -361,8 +481,35 @@ def _write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs
         f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
         for key, value in coords_attrs.items():
             f["coords"].attrs[key] = value
-        provenance = {k: v for k, v in attrs.items() if k != store.COMPLETE_ATTR}
-        f.attrs[PROVENANCE_ATTR] = json.dumps(provenance, sort_keys=True)
+        f.attrs[PROVENANCE_ATTR] = _provenance_json(attrs)
+
+
+def _write_stamp(path: Path, features: np.ndarray, coords: np.ndarray, prov: FeatureProvenance,
+                 attrs: dict[str, Any]) -> None:
+    """STAMP 2.1's layout, as `stamp preprocess` writes it and `get_coords` reads it, but for
+    `stamp_version` (STAMP refuses a file that names a newer STAMP than itself; srmil is none)
+    and `code_hash` (STAMP's own code)."""
+    import h5py
+
+    slide_mpp = float(prov.slide_mpp)
+    with h5py.File(path, "w") as f:
+        # The store's precision (srmil's and STAMP's default float16; STAMP reads any float).
+        f.create_dataset("feats", data=features.astype(prov.dtype or "float32"))
+        # µm of each patch's top-left corner at level 0, float32 as STAMP writes them; level-0 px
+        # come back exactly (float32 keeps 150 000 px at 0.25 µm/px to 0.01 px).
+        f.create_dataset("coords", data=(np.asarray(coords) * slide_mpp).astype(np.float32))
+        f.attrs["extractor"] = prov.extractor or ""
+        f.attrs["unit"] = "um"
+        f.attrs["tile_size_um"] = float(prov.patch_level0) * slide_mpp
+        f.attrs["tile_size_px"] = int(prov.patch_px)
+        f.attrs["feat_type"] = "tile"
+        f.attrs[PROVENANCE_ATTR] = _provenance_json(attrs)
+
+
+def _provenance_json(attrs: dict[str, Any]) -> str:
+    """A store's attributes as the JSON an exported file carries (import reads it back)."""
+    return json.dumps({k: v for k, v in attrs.items() if k != store.COMPLETE_ATTR},
+                      sort_keys=True)
 
 
 def _digest(path: Path) -> str:
