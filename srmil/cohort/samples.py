@@ -240,24 +240,11 @@ def check_slide_file(
     path: str | os.PathLike, sheet: str | os.PathLike = "the sample sheet"
 ) -> None:
     """Raise SampleSheetError unless `path` exists and OpenSlide recognises its format."""
-    import openslide
+    from srmil.wsi.slide import slide_file_problem  # numpy and OpenSlide only
 
-    p = Path(path)
-    if not p.is_file():
-        raise SampleSheetError(f"{p}: slide file not found; fix its path in {sheet}")
-    if p.stat().st_size == 0:
-        raise SampleSheetError(
-            f"{p}: empty file (0 bytes); copy the slide again or remove its row from {sheet}"
-        )
-    try:
-        fmt = openslide.OpenSlide.detect_format(str(p))
-    except (OSError, openslide.OpenSlideError):
-        fmt = None
-    if fmt is None:
-        raise SampleSheetError(
-            f"{p}: not a slide OpenSlide can read (another format, or a truncated copy); "
-            f"replace the file or remove its row from {sheet}"
-        )
+    problem = slide_file_problem(path, sheet)
+    if problem:
+        raise SampleSheetError(problem)
 
 
 def _resolve(base: Path, p: str) -> Path:

@@ -32,20 +32,31 @@ class SlideInfo:
     vendor: str
 
 
-def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+def slide_file_problem(path: str | os.PathLike, sheet: str | os.PathLike = "the sample sheet"
+                       ) -> str | None:
+    """Why `path` is not a slide file OpenSlide can open (missing, empty, a format it does not
+    know), as one line naming the file and the fix; None if it looks fine. Cheap: the sheet
+    check runs it for every slide while the workflow parses."""
     p = Path(path)
     if not p.is_file():
-        raise SlideError(f"{p}: slide file not found; fix its path in the sample sheet")
+        return f"{p}: slide file not found; fix its path in {sheet}"
     if p.stat().st_size == 0:
-        raise SlideError(
-            f"{p}: empty file (0 bytes); copy the slide again or remove its row from the "
-            "sample sheet"
-        )
-    if openslide.OpenSlide.detect_format(str(p)) is None:
-        raise SlideError(
-            f"{p}: not a slide OpenSlide can read (another format, or a truncated copy); "
-            "replace the file or remove its row from the sample sheet"
-        )
+        return f"{p}: empty file (0 bytes); copy the slide again or remove its row from {sheet}"
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(p))
+    except (OSError, openslide.OpenSlideError):
+        fmt = None
+    if fmt is None:
+        return (f"{p}: not a slide OpenSlide can read (another format, or a truncated copy); "
+                f"replace the file or remove its row from {sheet}")
+    return None
+
+
+def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
+    problem = slide_file_problem(path)
+    if problem:
+        raise SlideError(problem)
+    p = Path(path)
     try:
         return openslide.OpenSlide(str(p))
     except (openslide.OpenSlideError, OSError) as err:
