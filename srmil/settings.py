@@ -121,7 +121,9 @@ class SegmentSettings(Section):
     pen_green_over_red: Byte = Field(10, description="G - R above this marks ink")
     exclude_dark: bool = Field(True, description="remove black ink and black scanner borders")
     dark_max_value: Byte = Field(60, description="max(R, G, B) below this marks a black area")
-    ink_margin_um: float = Field(4.0, ge=0, description="grow excluded ink and black areas by this")
+    ink_margin_um: float = Field(
+        0.0, ge=0, description="grow excluded ink and black areas by this besides one view px"
+    )
 
 
 class TileSettings(Section):
