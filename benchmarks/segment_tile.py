@@ -149,6 +149,11 @@ ORIGINAL = ("demo", "demo_pen", "biopsy", "large_pen")
 # CLAM's settings compared: its defaults (no --preset), and the preset it ships for biopsies
 # (presets/bwh_biopsy.csv: saturation threshold 15, minimum area 1 reference patch)
 CLAM_VARIANTS = {"clam": None, "clam_biopsy": "bwh_biopsy.csv"}
+# Whose tissue mask is read back from masks/{slide}.jpg. The preset draws its contours 50
+# level-0 px wide, 0 to 3 px on these masks (1 px lines lose half their colour in the JPEG),
+# and its holes between pen loops and tissue leave regions no fill from the edge gets right:
+# for it only the patches count (patches/{slide}.h5, exact).
+CLAM_MASK_READ_BACK = {"clam"}
 # srmil over a folder in one process, through the library: slides after the output folder
 IN_PROCESS = """
 import sys
@@ -263,23 +268,17 @@ def enclosed(lines: np.ndarray, half_px: int) -> np.ndarray:
     return cv2.erode(region.astype(np.uint8), np.ones((size, size), np.uint8)) > 0
 
 
-def clam_tissue(save: Path, name: str, width_px: int, shape: tuple[int, int]) -> np.ndarray | None:
+def clam_tissue(save: Path, name: str, width_px: int, shape: tuple[int, int]) -> np.ndarray:
     """CLAM's tissue read back from masks/{name}.jpg, where create_patches_fp.py draws its
     tissue contours in pure green and their holes in pure blue on the slide at its
     segmentation level, lines `line_thickness` level-0 px wide (from the process list it saves);
     bool at downsample 16. The generator's inks are darker than either colour."""
     bgr = cv2.imread(str(save / "masks" / f"{name}.jpg")).astype(np.int16)
     b, g, r = bgr[..., 0], bgr[..., 1], bgr[..., 2]
-    thickness = line_thickness(save / "process_list_autogen.csv", name)
-    line_px = int(thickness * bgr.shape[1] / width_px)
-    if line_px < 3:
-        # OpenCV draws such a line 1 px wide, and the JPEG (colour at half resolution) keeps
-        # too little of its colour to find it apart from ink: no mask (the patches remain)
-        return None
+    line_px = int(line_thickness(save / "process_list_autogen.csv", name) * bgr.shape[1] / width_px)
     green = (g > 150) & (g - r > 80) & (g - b > 80)
     blue = (b > 190) & (b - r > 120) & (b - g > 120)
-    half = line_px // 2
-    tissue = enclosed(green, half) & ~enclosed(blue, half)
+    tissue = enclosed(green, line_px // 2) & ~enclosed(blue, line_px // 2)
     return cv2.resize(tissue.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
 
 
@@ -474,7 +473,9 @@ def accuracy(args: argparse.Namespace, name: str, spec: dict, tools: list[str]) 
             "patches_kept": len(coords),
             **scores(
                 truth,
-                clam_tissue(save, name, spec["width_px"], truth.shape),
+                clam_tissue(save, name, spec["width_px"], truth.shape)
+                if tool in CLAM_MASK_READ_BACK
+                else None,
                 covered(coords, patch, truth.shape),
                 mpp,
             ),
