@@ -13,7 +13,7 @@ a shared machine disturb less (hence one torch thread by default). Memory: the p
 process, and the part above its RSS before the first step (the bag, model and libraries). On
 CUDA also the peak of allocated GPU memory. Training in `srmil.mil.train` runs in deterministic
 mode, which on CUDA makes SRMIL take a slower exact path (see docs/method.md); this measures the
-default mode.
+default mode, and with `--deterministic` the mode `srmil train` sets.
 
     python benchmarks/mil.py                          # every model, 1k, 10k, 100k at D=512
     python benchmarks/mil.py --models srmil abmil dsmil --sizes 1000 10000
@@ -21,6 +21,7 @@ default mode.
     python benchmarks/mil.py --sizes 100000 --dim 1024 --models srmil \
         --hparams '{"checkpoint_layers": true}'
     python benchmarks/mil.py --device cuda --sizes 1000 10000 100000 300000
+    python benchmarks/mil.py --device cuda --deterministic --models srmil abmil
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.deterministic:
+        # As srmil.mil.train.train_fold sets it; cuBLAS reads its workspace setting when it
+        # starts, so set it before the first CUDA product.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(0)
     cells = tissue_cells(args.n)
     edges = torch.from_numpy(grid_edges(cells, 1.0, window=2)).to(device)
@@ -110,6 +116,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "hparams": hparams,
         "device": str(device),
         "threads": args.threads,
+        "deterministic": bool(args.deterministic),
         "step_s": best[0],
         "eval_s": best[1],
         "epoch_s": best[0] + best[1],
@@ -151,6 +158,7 @@ def measure(model: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         *[a for item in args.model_hparams for a in ("--model-hparams", item)],
         "--warmup",
         str(int(warm)),
+        *(["--deterministic"] if args.deterministic else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -224,6 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one model's hyper-parameters, e.g. "
                    "'patchgcn={\"checkpoint_layers\": true}'")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms, as `srmil train` runs (on CUDA SRMIL's exact "
+                   "aggregation)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--no-warmup-from",
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     device = rows[0].get("device_name", rows[0]["device"])
     variant = f", SRMIL {args.hparams}" if args.hparams != "{}" else ""
     variant += "".join(f", {item}" for item in args.model_hparams)
+    variant += ", deterministic mode" if args.deterministic else ""
     header = (
         f"D = {args.dim}{variant}, {device}, {args.threads} torch threads, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.1f}; epoch = one training step + one evaluation "

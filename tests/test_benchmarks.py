@@ -129,3 +129,35 @@ def test_memory_benchmark_real_file_matches_its_stand_in(tmp_path: Path) -> None
     assert row["segment_mib"] > 0 and row["tile_mib"] > 0
     stand_in = run("--sizes", "2.048x1.536").splitlines()[1].split()
     assert stand_in[1] == "8192x6144" and int(stand_in[3]) == row["n_tiles"] > 50
+
+
+def test_gpu_train_check_rehearsal_records_every_check(tmp_path: Path) -> None:
+    """benchmarks/gpu_train_check.py --small: the GPU training check rehearsed on the CPU (SRMIL
+    only, to keep it short; the checks are the same per model). Every check ends with a status,
+    and on the CPU all pass: train_fold, two reruns and `srmil train` in a new process agree
+    byte for byte (about 25 s)."""
+    import json
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/gpu_train_check.py"), "--small", "--models",
+         "srmil", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_train_check.json").read_text())
+    checks = report["checks"]
+    assert list(checks) == ["amp", "srmil_on_device", "srmil_deterministic_reruns",
+                            "srmil_rerun_srmil_train_cli", "srmil_device_vs_cpu",
+                            "determinism_settings"]
+    assert all(c["ok"] is True for c in checks.values()), checks
+    assert checks["amp"]["amp_in_training"] is False
+    assert checks["srmil_deterministic_reruns"]["identical"]["checkpoint_bytes"]
+    during = checks["determinism_settings"]["during_training"]
+    assert during["use_deterministic_algorithms"] and not during["cudnn.benchmark"]
+    assert checks["srmil_device_vs_cpu"]["forward_only_max_abs_prob_diff"] == 0.0
+    rows = report["timings"]
+    assert [(r["model"], r["deterministic"]) for r in rows] == [("srmil", False),
+                                                               ("srmil", True)]
+    assert all(r["epoch_s"] > 0 for r in rows)
+    text = (tmp_path / "gpu_train_check.md").read_text()
+    assert "- srmil_deterministic_reruns: ok" in text and "| 300 | srmil | deterministic |" in text
