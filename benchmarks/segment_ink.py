@@ -21,12 +21,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import openslide
-import tifffile
 
 from srmil.demo.artifacts import PEN_INKS, Artifacts, PenStroke, apply_artifacts
 from srmil.demo.geometry import TissueShape
 from srmil.demo.plan import NEGATIVE
-from srmil.demo.write import write_slide
+from srmil.demo.write import write_flat_tiff, write_slide
 from srmil.settings import SegmentSettings
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 from srmil.wsi.segment import segment_slide
@@ -77,17 +76,7 @@ def stroke_band(work: Path) -> list[dict]:
                 np.random.default_rng(0),
             )
             slide = work / "stroke.tif"
-            tifffile.imwrite(
-                slide,
-                inked,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 85},
-                resolution=(1e4 / MPP, 1e4 / MPP),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-            )
+            write_flat_tiff(slide, inked, MPP)
             near = cv2.dilate(stroke.astype(np.uint8), np.ones((81, 81), np.uint8)) > 0
             zone = near & interior
             # one px outside the stroke along its length: the length of both sides, in px

@@ -19,6 +19,7 @@ from conftest import toy_plan
 from jpeg_slides import damage_tile, write_jpeg_slide
 
 from srmil import store
+from srmil.demo.write import write_flat_tiff
 from srmil.features.backbones import load_backbone
 from srmil.features.extract import ChunkDataset, extract_features, resolve_workers, split_chunks
 from srmil.features.gpu_decode import decode_patches
@@ -255,16 +256,7 @@ def test_slides_the_tile_reader_does_not_take(slides: dict[str, Path], tmp_path:
     falls back to OpenSlide and says why; jpeg-tiles stops with one line."""
     pixels = to_rgb(open_slide(slides["demo_svs"]).read_region((0, 0), 0, (700, 500)))
     path = tmp_path / "zlib.tif"
-    tifffile.imwrite(
-        path,
-        pixels,
-        tile=(256, 256),
-        compression="zlib",
-        photometric="rgb",
-        resolution=(2e4, 2e4),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    write_flat_tiff(path, pixels, mpp=0.5, compression="zlib")
     slide = open_slide(path)
     origins = np.array([[0, 0], [300, 200]])
     choice = choose_reader(str(path), slide, origins, plan_for(0, 1.0, 224, 224))

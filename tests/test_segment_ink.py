@@ -12,13 +12,12 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-import tifffile
 
 from srmil.demo.artifacts import PEN_INKS, PenStroke, apply_artifacts
 from srmil.demo.geometry import TissueShape
 from srmil.demo.plan import NEGATIVE
 from srmil.demo.render import MASK_DOWNSAMPLE
-from srmil.demo.write import write_slide
+from srmil.demo.write import write_flat_tiff, write_slide
 from srmil.settings import SegmentSettings
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
 from srmil.wsi.segment import segment_slide
@@ -47,17 +46,7 @@ def inked_slide(path: Path, rgb: np.ndarray, strokes: list[PenStroke]) -> np.nda
     it (level 0, bool), as the demo's ground truth counts it."""
     rgb = rgb.copy()
     covered = apply_artifacts(rgb, 0, rgb.shape[0], strokes, None, np.random.default_rng(0))
-    tifffile.imwrite(
-        path,
-        rgb,
-        tile=(256, 256),
-        photometric="rgb",
-        compression="jpeg",
-        compressionargs={"level": 85},
-        resolution=(1e4 / MPP, 1e4 / MPP),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    write_flat_tiff(path, rgb, MPP)
     return covered
 
 

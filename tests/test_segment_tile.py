@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 import yaml
 
 from srmil import store
@@ -18,7 +17,7 @@ from srmil.cohort.samples import SampleSheetError, read_sample_sheet, segment_ov
 from srmil.demo.artifacts import Artifacts
 from srmil.demo.geometry import BIOPSY, TissueShape
 from srmil.demo.plan import NEGATIVE
-from srmil.demo.write import write_slide
+from srmil.demo.write import write_flat_tiff, write_slide
 from srmil.graph import build_graph
 from srmil.settings import (
     ConfigError,
@@ -404,16 +403,7 @@ def test_single_level_slide_is_read_in_bounded_chunks(
     with openslide.OpenSlide(row.path) as slide:
         rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
     flat = tmp_path / "flat.tif"
-    tifffile.imwrite(
-        flat,
-        rgb,
-        tile=(256, 256),
-        photometric="rgb",
-        compression="zlib",
-        resolution=(2e4, 2e4),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    write_flat_tiff(flat, rgb, mpp=0.5, compression="zlib")
     with openslide.OpenSlide(flat) as slide:
         assert slide.level_count == 1
     segment_slide(flat, tmp_path / "f.geojson", tmp_path / "f.png")

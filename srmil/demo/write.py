@@ -96,6 +96,17 @@ def write_tiled_tiff(path: str | Path, level0: SlideRenderer, mpp: float,
                       **resolution(level.shape[1]), **TIFF_OPTIONS)
 
 
+def write_flat_tiff(path: str | Path, rgb: np.ndarray, mpp: float,
+                    compression: str = "jpeg") -> None:
+    """One level of RGB pixels as a tiled generic TIFF (no pyramid) with µm/px in its resolution
+    tags, which OpenSlide opens: slides drawn by hand in tests and benchmarks."""
+    options = {**TIFF_OPTIONS, "compression": compression}
+    if compression != "jpeg":
+        options.pop("compressionargs")
+    tifffile.imwrite(path, rgb, tile=(TILE_PX, TILE_PX), resolution=(1e4 / mpp, 1e4 / mpp),
+                     resolutionunit="CENTIMETER", **options)
+
+
 def tumour_geojson(tumour_small: np.ndarray, downsample: int = ANNOTATION_DOWNSAMPLE) -> dict:
     """QuPath-style FeatureCollection of tumour Polygons (with holes) in level-0 px, from the
     tumour mask at `downsample` (bool)."""
