@@ -236,7 +236,11 @@ def slide_report(path, image, category="Slides", **kwargs):
     if not SETTINGS.report.slide_images:
         return path
     return report(
-        path, category=category, subcategory="{slide}", labels={"image": image}, **kwargs
+        path,
+        category=category,
+        subcategory="{slide}",
+        labels={"image": image},
+        **kwargs,
     )
 
 
