@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import tifffile
 from conftest import toy_plan
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_data import synthetic_cohort
 
@@ -455,6 +456,8 @@ def test_heatmap_of_a_hand_made_slide(tmp_path):
                                                                    False, True]
     # The annotation outline and the positive patches' frames are the image's pure red.
     assert _red_pixels(_image(tmp_path / "s.png")) > 1000
+    with Image.open(tmp_path / "s.png") as image:  # compact: a palette PNG (report size)
+        assert image.mode == "P"
     # The montage shows the patches as read from the slide at level 0.
     level0 = tifffile.imread(slide)
     patches = read_patches(slide, coords, plan)

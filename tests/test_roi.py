@@ -65,8 +65,9 @@ def test_roi_keeps_the_tissue_patches_half_inside_the_regions(
     assert kept.tolist() == expected.tolist()
     assert plan_roi.n_tiles == len(kept) and plan_roi.skipped is None
     image = qc.read_png(tmp_path / "roi.png")  # the regions are drawn, kept and left out
-    for colour in (qc.ROI_RGB, qc.ROI_EXCLUDED_RGB):
-        assert (image == colour).all(axis=2).sum() > 20, colour
+    for colour in (qc.ROI_RGB, qc.ROI_EXCLUDED_RGB):  # (the palette PNG may move a colour a bit)
+        near = (np.abs(image.astype(int) - colour) <= 8).all(axis=2)
+        assert near.sum() > 20, colour
 
     # Only regions to leave out: everything else is kept.
     tile_slide(path, seg / "t.geojson", tmp_path / "cut.json", roi_exclude=cut)

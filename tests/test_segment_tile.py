@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from srmil import store
 from srmil.cli import main as cli_main
@@ -26,6 +27,7 @@ from srmil.settings import (
     load_settings,
     section_from_dict,
 )
+from srmil.wsi import qc
 from srmil.wsi.geometry import polygons_mask, polygons_window, read_geojson_polygons
 from srmil.wsi.segment import segment_slide, view_downsample
 from srmil.wsi.slide import SlideError, thumbnail
@@ -184,6 +186,30 @@ def test_qc_images_written(segmented: dict) -> None:
         assert tiles is not None and tiles.shape == seg.shape
         yellow = (tiles[..., 0] < 120) & (tiles[..., 1] > 150) & (tiles[..., 2] > 200)
         assert yellow.sum() > 10  # the grid is drawn
+        for png in (result["qc"], result["tiles_qc"]):  # compact: palette PNGs (report size)
+            with Image.open(png) as image:
+                assert image.mode == "P" and max(image.size) <= qc.QC_MAX_SIDE, png
+
+
+def test_qc_png_is_compact_and_keeps_the_outlines() -> None:
+    """A noisy thumbnail (as tissue is) under flat-colour outlines: the palette PNG is a
+    fraction of a 24-bit PNG's bytes, keeps the outline colours, and the same pixels give the
+    same bytes."""
+    rng = np.random.default_rng(0)
+    shade = rng.normal(0, 25, (768, 1024, 1)) + rng.normal(0, 5, (768, 1024, 3))
+    rgb = np.clip(np.array([200, 120, 200]) + shade, 0, 255).astype(np.uint8)
+    cv2.circle(rgb, (512, 384), 300, qc.TISSUE_RGB, 3)
+    cv2.circle(rgb, (512, 384), 100, qc.HOLE_RGB, 3)
+    data = qc.encode_png(rgb)
+    assert data == qc.encode_png(rgb)
+    ok, full = cv2.imencode(".png", rgb)
+    assert ok and len(data) < len(full) / 2
+    back = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                        cv2.COLOR_BGR2RGB).astype(int)
+    for colour in (qc.TISSUE_RGB, qc.HOLE_RGB):
+        drawn = (rgb == colour).all(axis=-1)
+        assert np.abs(back[drawn] - colour).max() <= 4, colour
+    assert np.abs(back - rgb).mean() < 4  # the tissue's colours stay close
 
 
 def test_tiles_aligned_inside_tissue_and_slide(cohort_dir: Path, segmented: dict) -> None:

@@ -4,9 +4,11 @@ assertions. Marked slow; it is the test that shows a fresh clone produces traine
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from conftest import REPO, snakemake
 
 from srmil.demo.write import write_slide
 from srmil.wsi.geometry import polygons_mask, read_geojson_polygons
+from srmil.wsi.qc import QC_MAX_SIDE
 
 # The tiny cohort (TINY), `snakemake` and the session's completed `run` live in conftest.py,
 # shared with test_reruns.py and test_slurm.py.
@@ -254,7 +257,7 @@ def test_report_renders_with_the_plots(run: Path) -> None:
     snakemake(run, "--report", "report.html", "all", "ablation")
     html = (run / "report.html").read_text(errors="replace")
     assert len(html) > 100_000
-    for caption in ("Attention diagnostics", "Attention heatmaps", "Mask-ratio ablation"):
+    for caption in ("Attention diagnostics", "Mask-ratio ablation"):
         assert caption in html, caption
     # The captions of workflow/report/*.rst, with their wildcards filled in.
     for model in ("srmil", "abmil"):
@@ -266,14 +269,48 @@ def test_report_renders_with_the_plots(run: Path) -> None:
             f"Attention of {model} (resnet18 features) on test slide {slide},",
         ):
             assert caption in html, caption
-    # A cohort-sized report leaves each slide's images out; they stay under results/.
-    snakemake(run, "--report", "small.html", "all", "ablation", "--config",
+    # Each slide's images are filed under it, one labelled row each: QC images, then heatmaps.
+    slides = report_menu(html)["Slides"]
+    heatmaps = {p.stem for p in run.glob("results/eval/*/resnet18/heatmaps/*.png")}
+    assert sorted(slides) == sorted(pd.read_csv(run / "resources/demo/samples.csv")["slide_id"])
+    for slide, files in slides.items():
+        expected = {f"results/segment/{slide}.qc.png", f"results/tiles/{slide}.qc.png"}
+        if slide in heatmaps:
+            expected |= {f"results/eval/{m}/resnet18/heatmaps/{slide}.png"
+                         for m in ("srmil", "abmil")}
+        assert set(files) == expected, slide
+    assert '"labels": {"image": "2 tiling"}' in html
+    assert '"labels": {"image": "3 attention, srmil / resnet18"}' in html
+    # They are compact: palette PNGs of a bounded size (docs/benchmarks.md).
+    for png in run.glob("results/*/*.qc.png"):
+        assert_compact_png(png, QC_MAX_SIDE)
+    for png in run.glob("results/eval/*/resnet18/heatmaps/*.png"):
+        assert_compact_png(png, 2000)
+    # A cohort-sized report leaves each slide's images out; they stay under results/. As a zip
+    # (--report *.zip): the page and each file it shows, stored as they are.
+    snakemake(run, "--report", "small.zip", "all", "ablation", "--config",
               "report={slide_images: false}")
-    small = (run / "small.html").read_text(errors="replace")
-    assert len(small) < len(html) / 2
-    for caption in ("Tissue segmentation", "Tiling", "Attention heatmaps"):
-        assert caption in html and caption not in small, caption
+    with zipfile.ZipFile(run / "small.zip") as archive:
+        names = archive.namelist()
+        small = archive.read("small/report.html").decode(errors="replace")
+    assert "Slides" not in report_menu(small) and not any(".qc.png" in n for n in names)
     assert "Attention diagnostics" in small and "ROC curves of srmil" in small
+    assert any(n.endswith("/roc.png") for n in names)
+
+
+def report_menu(html: str) -> dict[str, dict[str, list[str]]]:
+    """A Snakemake report's menu: category -> subcategory -> the files shown there."""
+    menu = re.search(r"var categories = (\{.*?\});\s*$", html, re.MULTILINE)
+    assert menu, "no categories in the report"
+    return json.loads(menu.group(1))
+
+
+def assert_compact_png(path: Path, max_side: int) -> None:
+    """A palette PNG (at most 256 colours) whose longer side is at most `max_side` px."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.mode == "P" and max(image.size) <= max_side, (path, image.size)
 
 
 @pytest.mark.slow

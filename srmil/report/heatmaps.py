@@ -3,6 +3,7 @@ the top-attended patches read from the slide through OpenSlide with the tiling's
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,11 @@ import pandas as pd
 
 from srmil.errors import InputError
 from srmil.store import atomic_path
+from srmil.wsi.qc import write_png
 from srmil.wsi.tiling import ReadPlan, read_tiles
 
 HEATMAP_PX = 1024  # longer side of the thumbnail the heatmap is drawn on
-HEATMAP_DPI = 80  # ~1500 px wide: patches stay legible, a cohort's heatmaps fit in a report
+HEATMAP_DPI = 80  # ~1500 px wide: patches stay legible; a palette PNG of ~150 KB (write_png)
 
 
 def attention_grid(coords_level0: np.ndarray, attention: np.ndarray,
@@ -108,10 +110,20 @@ def draw_heatmap(out_png: str | os.PathLike, slide_path: str | os.PathLike,
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.07, top=0.86 if title else 0.92,
                         wspace=0.06)
-    with atomic_path(Path(out_png), ".png") as tmp:
-        fig.savefig(tmp, dpi=HEATMAP_DPI, format="png")
+    write_png(out_png, _render(fig))
     return {"top_index": top.tolist(), "top_weight": attention[top].tolist(),
             "top_positive": positive[top].tolist()}
+
+
+def _render(fig) -> np.ndarray:
+    """The figure's pixels (RGB) at HEATMAP_DPI, for the palette PNG writer."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=HEATMAP_DPI, format="png")
+    buf.seek(0)
+    with Image.open(buf) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def _draw_slide(ax, thumb: np.ndarray, polygons: list[dict[str, Any]], ds: float) -> None:

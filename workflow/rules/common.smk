@@ -228,10 +228,20 @@ def scaled(base, per_slide=0.0):
     return lambda wildcards, attempt: int((base + per_slide * len(SLIDES)) * attempt)
 
 
-def slide_report(path, **kwargs):
-    """report() for a per-slide image (QC, heatmap), or the plain output when
+def slide_report(path, image, category="Slides", **kwargs):
+    """report() for a per-slide image (QC, heatmap), filed by slide: under `category`, one
+    subcategory per slide holding a row per `image` (a label; the rows sort by it), so that a
+    cohort's hundreds of images are browsable slide by slide. The plain output when
     report.slide_images is false: a large cohort's report then stays small."""
-    return report(path, **kwargs) if SETTINGS.report.slide_images else path
+    if not SETTINGS.report.slide_images:
+        return path
+    return report(
+        path,
+        category=category,
+        subcategory="{slide}",
+        labels={"image": image},
+        **kwargs,
+    )
 
 
 # envs/srmil.yaml installs this checkout with `pip install -e ${SRMIL_ROOT}` (`--sdm conda`).

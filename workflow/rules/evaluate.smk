@@ -43,9 +43,8 @@ rule evaluate_model:
         heatmaps=slide_report(
             directory("results/eval/{model}/{extractor}/heatmaps"),
             patterns=["{slide}.png"],
+            image="3 attention, {model} / {extractor}",
             caption="../report/heatmap.rst",
-            category="Attention heatmaps",
-            subcategory="{model} / {extractor}",
         ),
     log:
         "logs/evaluate/{model}/{extractor}.log",

@@ -120,9 +120,9 @@ rule predict_model:
         heatmaps=slide_report(
             directory("results/predict/{model}/{extractor}/heatmaps"),
             patterns=["{slide}.png"],
+            image="attention, {model} / {extractor}",
+            category="New slides (predict)",
             caption="../report/predict_heatmap.rst",
-            category="Prediction on new slides",
-            subcategory="{model} / {extractor}",
         ),
     log:
         "logs/predict/{model}/{extractor}.log",

@@ -6,8 +6,8 @@ rule segment_slide:
         geojson="results/segment/{slide}.geojson",
         qc=slide_report(
             "results/segment/{slide}.qc.png",
+            image="1 tissue segmentation",
             caption="../report/segment.rst",
-            category="Tissue segmentation",
         ),
     log:
         "logs/segment/{slide}.log",

@@ -9,8 +9,8 @@ rule tile_slide:
         tiles="results/tiles/{slide}.json",
         qc=slide_report(
             "results/tiles/{slide}.qc.png",
+            image="2 tiling",
             caption="../report/tile.rst",
-            category="Tiling",
         ),
     log:
         "logs/tile/{slide}.log",
