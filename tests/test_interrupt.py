@@ -156,7 +156,10 @@ def test_sigkill_during_features_and_training_then_rerun_equals_uninterrupted(
 
     proc = _start(workdir, tmp_path / "second.log", "--profile", str(PROFILE))
     _kill_when(proc, training, tmp_path / "second.log")
-    assert not (workdir / "results/eval").exists()
+    # Killed with training unfinished. (A model whose folds all finished may already have
+    # started its evaluation: with 2 folds, ABMIL's can finish together on a quiet machine.)
+    all_folds = len(list((run / "results/models").rglob("fold_*.attention.json")))
+    assert 1 <= len(list(models.rglob("fold_*.attention.json"))) < all_folds
     assert _names(features, "*.zarr") == _names(run / "results/features/resnet18", "*.zarr")
 
     # 4. Unlock and rerun to the end.
