@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RUN_ALL = REPO / "benchmarks" / "run_all.py"
 
@@ -161,3 +163,20 @@ def test_gpu_train_check_rehearsal_records_every_check(tmp_path: Path) -> None:
     assert all(r["epoch_s"] > 0 for r in rows)
     text = (tmp_path / "gpu_train_check.md").read_text()
     assert "- srmil_deterministic_reruns: ok" in text and "| 300 | srmil | deterministic |" in text
+
+
+@pytest.mark.slow
+def test_cohort_stats_reads_the_shared_run(run: Path) -> None:
+    """benchmarks/cohort_stats.py on the shared end-to-end run: its slide and patch counts agree
+    with the run's stores, and the probe gives AUCs."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/cohort_stats.py"), str(run),
+         "--samples", "resources/demo/samples.csv"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sheet = (run / "resources/demo/samples.csv").read_text().splitlines()[1:]
+    assert f"slides: {len(sheet)} ({sum(bool(r.split(',')[-1]) for r in sheet)} annotated" in (
+        proc.stdout)
+    aucs = re.search(r"patch AUC ([\d.]+), slide AUC by the highest patch ([\d.]+)", proc.stdout)
+    assert aucs and all(0 <= float(a) <= 1 for a in aucs.groups())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import deep_update
 
 from srmil.settings import ConfigError, Settings, load_settings, schema_yaml
 
@@ -238,3 +239,16 @@ def test_keep_going_is_read_from_the_command_line_and_from_profiles(
     assert keep_going_requested(["-s", snakefile]) is True
     assert keep_going_requested(["-s", snakefile, "--profile", "none"]) is False
     assert keep_going_requested() is False  # pytest is not Snakemake's command line
+
+
+STUDIES = sorted(p.name for p in (REPO / "workflow/studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_study_configs_are_valid_over_config_yaml(study: str) -> None:
+    """Each study file, merged over config.yaml alone and with all-models.yaml after it, as the
+    docs run them, gives valid settings."""
+    studies = REPO / "workflow/studies"
+    config = deep_update(copy.deepcopy(DEFAULT), yaml.safe_load((studies / study).read_text()))
+    load_settings(config)
+    load_settings(deep_update(config, yaml.safe_load((studies / "all-models.yaml").read_text())))
