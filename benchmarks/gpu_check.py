@@ -35,6 +35,10 @@ HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "features.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+_spec = importlib.util.spec_from_file_location("srmil_bench_checks", HERE / "checks.py")
+_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_checks)
+record = _checks.record
 
 from srmil import store  # noqa: E402
 from srmil.features.backbones import load_backbone  # noqa: E402
@@ -50,7 +54,15 @@ from srmil.features.extract import (  # noqa: E402
     resolve_workers,
     split_chunks,
 )
-from srmil.wsi.tiling import read_tiles, write_tiles  # noqa: E402
+from srmil.wsi.tiling import ReadPlan, read_tiles, write_tiles  # noqa: E402
+
+
+def level0_plan(width: int, height: int) -> ReadPlan:
+    """224-px patches read at level 0 of a 0.5 µm/px slide: the decode checks' read plan."""
+    return ReadPlan(target_mpp=0.5, patch_px=224, stride_px=224, slide_mpp=0.5,
+                    mpp_source="file", patch_level0=224.0, stride_level0=224.0, level=0,
+                    level_downsample=1.0, read_px=224, slide_width=int(width),
+                    slide_height=int(height), min_tissue_fraction=0.5)
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,15 +75,7 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
     checks: dict[str, Any] = {}
 
     def check(name: str, fn) -> None:
-        start = time.perf_counter()
-        try:
-            result = fn()
-            checks[name] = {"ok": bool(result.pop("ok", True)), **result}
-        except Exception as err:  # noqa: BLE001 - record and go on: one run only
-            checks[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-            traceback.print_exc()
-        checks[name]["seconds"] = round(time.perf_counter() - start, 2)
-        print(f"check {name}: {json.dumps(checks[name])}", flush=True)
+        record(checks, name, fn)
 
     def cuda() -> dict[str, Any]:
         auto = resolve_device("auto")
@@ -196,13 +200,7 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
             origins = np.stack([rng.integers(0, width, 96), rng.integers(0, height, 96)], 1)
             edges = [[width - 224, height - 224], [width - 100, 10], [5, height - 50]]
             origins = np.concatenate([origins, edges]).astype(np.int64)
-            plan = {
-                "level": 0,
-                "level_downsample": 1.0,
-                "read_px": 224,
-                "patch_px": 224,
-                "stride_level0": 224,
-            }
+            plan = level0_plan(width, height)
             choice = choose_reader(path, handle, origins, plan)
             data = ChunkDataset(
                 path, origins, plan, [np.arange(len(origins))], reader=choice, encoded=True
@@ -235,14 +233,9 @@ def run_checks(slides, work: Path, args, device: torch.device) -> dict[str, Any]
         damaged = work / "damaged.svs"
         col, row = tests_slides().damage_tile(src, damaged, 7)
         origin = np.array([[col * 240 + 10, row * 240 + 20]])
-        plan = {
-            "level": 0,
-            "level_downsample": 1.0,
-            "read_px": 224,
-            "patch_px": 224,
-            "stride_level0": 224,
-        }
-        choice = choose_reader(str(damaged), open_slide(damaged), origin, plan)
+        handle = open_slide(damaged)
+        plan = level0_plan(*handle.dimensions)
+        choice = choose_reader(str(damaged), handle, origin, plan)
         data = ChunkDataset(str(damaged), origin, plan, [np.arange(1)], reader=choice, encoded=True)
         try:
             decode_patches(data[0][0], device, 224, str(damaged), 0)

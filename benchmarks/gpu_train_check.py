@@ -60,6 +60,7 @@ def _load(name: str, file: str) -> Any:
 
 mil_bench = _load("srmil_bench_mil", "mil.py")  # the per-epoch timing, in this process
 graph_bench = _load("srmil_bench_graph", "graph.py")  # tissue-like patch grids
+record = _load("srmil_bench_checks", "checks.py").record
 
 import srmil.mil.train as train_module  # noqa: E402
 from srmil import __version__  # noqa: E402
@@ -348,15 +349,7 @@ def run_checks(cohort: Cohort, device: torch.device, models: list[str],
     env_at_start = dict(os.environ)
 
     def check(name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        start = time.perf_counter()
-        try:
-            result = fn()
-            checks[name] = {"ok": bool(result.pop("ok", True)), **result}
-        except Exception as err:  # noqa: BLE001 - record and go on: one run only
-            checks[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-            traceback.print_exc()
-        checks[name]["seconds"] = round(time.perf_counter() - start, 2)
-        print(f"check {name}: {json.dumps(checks[name])}", flush=True)
+        record(checks, name, fn)
         save()
 
     def amp() -> dict[str, Any]:
