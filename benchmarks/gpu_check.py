@@ -32,13 +32,17 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "features.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-_spec = importlib.util.spec_from_file_location("srmil_bench_checks", HERE / "checks.py")
-_checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_checks)
-record = _checks.record
+
+
+def _load(name: str, file: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, HERE / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("srmil_bench_features", "features.py")
+record = _load("srmil_bench_checks", "checks.py").record
 
 from srmil import store  # noqa: E402
 from srmil.features.backbones import load_backbone  # noqa: E402

@@ -137,8 +137,6 @@ def test_gpu_check_rehearsal_passes_every_check(tmp_path: Path) -> None:
     """benchmarks/gpu_check.py --small: the GPU feature-extraction check rehearsed on the CPU
     (about 35 s), so a change to the readers or tile sets cannot break it unseen before a GPU
     is lent (the decode checks once broke on the tile sets' typed read plan)."""
-    import json
-
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--small", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -148,8 +146,9 @@ def test_gpu_check_rehearsal_passes_every_check(tmp_path: Path) -> None:
     assert {"cuda", "amp", "extract_cuda_vs_cpu", "gpu_decode_pixels", "gpu_decode_corrupt_tile",
             "features_readers"} <= set(checks)
     assert all(c["ok"] is True for c in checks.values()), checks
-    assert all(v["max_diff"] == 0 for k, v in checks["gpu_decode_pixels"].items()
+    assert all(v["max_diff"] == 0 for v in checks["gpu_decode_pixels"].values()
                if isinstance(v, dict))
+
 
 def test_gpu_train_check_rehearsal_records_every_check(tmp_path: Path) -> None:
     """benchmarks/gpu_train_check.py --small: the GPU training check rehearsed on the CPU (SRMIL
