@@ -33,43 +33,46 @@ from sklearn.preprocessing import StandardScaler
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from srmil.cohort.samples import read_sample_sheet  # noqa: E402
 from srmil.mil.attention import positive_patches  # noqa: E402
 from srmil.store import read_feature_store  # noqa: E402
 
 
 def read_cohort(run: Path, samples_csv: Path, extractor: str) -> pd.DataFrame:
     """One row per slide: label, patient, annotation flag, features (N, D), tumour flags (N,)."""
-    samples = pd.read_csv(samples_csv, dtype=str, keep_default_na=False)
+    samples = read_sample_sheet(samples_csv)  # annotation paths resolved against the sheet
     rows = []
     for s in samples.itertuples():
         features, coords, attrs = read_feature_store(
             run / "results" / "features" / extractor / f"{s.slide_id}.zarr")
         annotation = getattr(s, "annotation", "")
-        tumour = (positive_patches(coords, float(attrs["patch_level0"]),
-                                   samples_csv.parent / annotation)
+        tumour = (positive_patches(coords, float(attrs["patch_level0"]), annotation)
                   if annotation else np.zeros(len(coords), dtype=bool))
         rows.append({"slide_id": s.slide_id, "patient": s.patient_id, "annotated": bool(annotation),
                      "features": features, "tumour": tumour})
     return pd.DataFrame(rows)
 
 
+def labelled_patches(slide: pd.Series) -> np.ndarray:
+    """The patches the probe is fitted and scored on: the tumour patches of an annotated slide,
+    every patch of a normal one. Patches of positive slides outside the tumour are normal tissue,
+    but MIL never labels them so."""
+    return slide.tumour if slide.annotated else np.ones(len(slide.tumour), dtype=bool)
+
+
 def probe(slides: pd.DataFrame, folds: int = 5) -> tuple[float, float]:
     """Patch AUC and max-patch slide AUC of the patch-label probe, out of fold by patient."""
     patch_scores, patch_labels, slide_scores = [], [], np.empty(len(slides))
     for train, test in GroupKFold(n_splits=folds).split(slides, groups=slides.patient):
-        fit = slides.iloc[train]
-        # Tumour patches of annotated slides against every patch of the normal ones: patches
-        # of positive slides outside the tumour are normal tissue but never labelled so in MIL.
-        keep = [t if a else np.ones(len(t), dtype=bool) for t, a in
-                zip(fit.tumour, fit.annotated, strict=True)]
-        x = np.concatenate([f[k] for f, k in zip(fit.features, keep, strict=True)])
-        y = np.concatenate([t[k] for t, k in zip(fit.tumour, keep, strict=True)])
+        fit = [slides.iloc[i] for i in train]
+        x = np.concatenate([s.features[labelled_patches(s)] for s in fit])
+        y = np.concatenate([s.tumour[labelled_patches(s)] for s in fit])
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
         for i in test:
             row = slides.iloc[i]
             score = model.predict_proba(row.features)[:, 1]
             slide_scores[i] = score.max()
-            keep = row.tumour if row.annotated else np.ones(len(score), dtype=bool)
+            keep = labelled_patches(row)
             patch_scores.append(score[keep])
             patch_labels.append(row.tumour[keep])
     patch_auc = roc_auc_score(np.concatenate(patch_labels), np.concatenate(patch_scores))
