@@ -34,15 +34,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str, file: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("srmil_bench_features", "features.py")
-record = _load("srmil_bench_checks", "checks.py").record
+# Run as `python benchmarks/gpu_check.py`, so benchmarks/ is on sys.path: siblings import plainly.
+import features as bench  # noqa: E402
+from checks import record  # noqa: E402
 
 from srmil import store  # noqa: E402
 from srmil.features.backbones import load_backbone  # noqa: E402

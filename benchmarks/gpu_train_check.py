@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import inspect
 import json
 import os
@@ -51,16 +50,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 
-def _load(name: str, file: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mil_bench = _load("srmil_bench_mil", "mil.py")  # the per-epoch timing, in this process
-graph_bench = _load("srmil_bench_graph", "graph.py")  # tissue-like patch grids
-record = _load("srmil_bench_checks", "checks.py").record
+# Run as `python benchmarks/gpu_train_check.py`, so benchmarks/ is on sys.path: its siblings
+# import plainly.
+import graph as graph_bench  # noqa: E402 (tissue-like patch grids)
+import mil as mil_bench  # noqa: E402 (the per-epoch timing, in this process)
+from checks import record  # noqa: E402
 
 import srmil.mil.train as train_module  # noqa: E402
 from srmil import __version__  # noqa: E402

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import io
 import json
 import statistics
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import features as bench  # a sibling: benchmarks/ is on sys.path when run as a script
 import numpy as np
 import torch
 
@@ -47,9 +47,6 @@ RESNET_CONFIG = {
     "std": (0.229, 0.224, 0.225),
     "interpolation": "bilinear",
 }
-_spec = importlib.util.spec_from_file_location("srmil_bench_features", HERE / "features.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 from srmil.cohort.samples import read_sample_sheet  # noqa: E402
 from srmil.demo.write import write_demo  # noqa: E402
