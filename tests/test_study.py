@@ -48,8 +48,8 @@ def test_paired_bootstrap_of_identical_runs_is_zero_and_of_better_runs_positive(
     assert paired_bootstrap([(a, b)], n_boot=200) == better  # seeded: reproducible
 
 
-def test_paired_differences_and_summary(tmp_path):
-    seeds = [0, 1, 2]
+def make_runs(tmp_path, seeds: list[int]) -> tuple[list[Run], pd.DataFrame, dict]:
+    """SRMIL, ABMIL (better) and mean pooling on `seeds`: evaluation folders as the study's."""
     runs, main_rows, preds = [], [], {}
     for model, quality in (("srmil", 0.1), ("abmil", 0.3), ("meanpool", 0.1)):
         for seed in seeds:
@@ -65,7 +65,11 @@ def test_paired_differences_and_summary(tmp_path):
             main_rows.append({"model": model, "seed": seed, "auc": m["auc"],
                               "accuracy": m["accuracy"]})
             preds[(model, seed)] = table
-    main = pd.DataFrame(main_rows)
+    return runs, pd.DataFrame(main_rows), preds
+
+
+def test_paired_differences_and_summary(tmp_path):
+    runs, main, preds = make_runs(tmp_path, [0, 1, 2])
     diffs = paired_differences(main, preds, n_boot=100).set_index("model")
     assert list(diffs.index) == ["abmil", "meanpool"]  # catalogue order, SRMIL left out
     auc = main.pivot(index="seed", columns="model", values="auc")
@@ -83,3 +87,13 @@ def test_paired_differences_and_summary(tmp_path):
     assert set(pd.read_csv(tmp_path / "out" / "differences.csv")["model"]) == {"abmil",
                                                                                  "meanpool"}
     assert (tmp_path / "out" / "study.png").stat().st_size > 5000
+
+
+def test_one_seed_summary_claims_no_spread(tmp_path):
+    """With one seed there is no sd over seeds: the summary shows the means alone."""
+    runs, _, _ = make_runs(tmp_path, [0])
+    summarise_study(runs, tmp_path / "out", main_ratio=0.7, n_boot=50)
+    rows = [line for line in (tmp_path / "out" / "summary.md").read_text().splitlines()
+            if line.startswith(("| srmil |", "| abmil |", "| meanpool |"))]
+    assert len(rows) == 5 and not any("±" in row for row in rows)  # 3 models, 2 differences
+    assert any(row.startswith("| abmil | +") and "| n/a |" in row for row in rows)

@@ -76,8 +76,9 @@ def _mean_sd(values: pd.Series) -> str:
     values = pd.to_numeric(values, errors="coerce").dropna()
     if values.empty:
         return "n/a"
-    sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return f"{values.mean():.3f} ± {sd:.3f}"
+    if len(values) == 1:  # one seed: no spread to report (a "± 0.000" would claim one)
+        return f"{values.mean():.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
 def _is_main(table: pd.DataFrame, main_ratio: float | None) -> pd.Series:
@@ -195,7 +196,8 @@ def summary_markdown(table: pd.DataFrame, main: pd.DataFrame,
     SRMIL, and SRMIL's mask-ratio curve."""
     n_seeds = main["seed"].nunique()
     lines = [f"Seeds: {n_seeds} ({', '.join(str(s) for s in sorted(main['seed'].unique()))}); "
-             f"slides per run: {int(main['n_slides'].iloc[0])}. Mean ± sd over seeds; AUC and "
+             f"slides per run: {int(main['n_slides'].iloc[0])}. "
+             f"{'Mean ± sd over seeds' if n_seeds > 1 else 'One seed, no sd'}; AUC and "
              "accuracy pooled over each seed's test folds.", "",
              "| model | AUC | accuracy | test slides: median max attention | share >= 0.5 | "
              "share < 0.1 | training slides: top-1 patch in tumour |",
@@ -222,8 +224,8 @@ def summary_markdown(table: pd.DataFrame, main: pd.DataFrame,
             cells = []
             for name in ("auc", "accuracy"):
                 mean, sd = getattr(row, f"{name}_diff_mean"), getattr(row, f"{name}_diff_sd")
-                sd = 0.0 if pd.isna(sd) else sd
-                cells += [f"{mean:+.3f} ± {sd:.3f}" if pd.notna(mean) else "n/a",
+                cells += ["n/a" if pd.isna(mean) else
+                          f"{mean:+.3f}" if pd.isna(sd) else f"{mean:+.3f} ± {sd:.3f}",
                           _interval(getattr(row, f"{name}_ci_seeds_low"),
                                     getattr(row, f"{name}_ci_seeds_high")),
                           _interval(getattr(row, f"{name}_ci_patients_low"),
