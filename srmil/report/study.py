@@ -72,13 +72,17 @@ def run_row(run: Run, metrics: dict, predictions: pd.DataFrame) -> dict[str, obj
     return row
 
 
+def _with_sd(mean: str, sd: float) -> str:
+    """'mean ± sd', or the mean alone where the sd is undefined (one seed: a "± 0.000" would
+    claim a spread)."""
+    return mean if pd.isna(sd) else f"{mean} ± {sd:.3f}"
+
+
 def _mean_sd(values: pd.Series) -> str:
     values = pd.to_numeric(values, errors="coerce").dropna()
     if values.empty:
         return "n/a"
-    if len(values) == 1:  # one seed: no spread to report (a "± 0.000" would claim one)
-        return f"{values.mean():.3f}"
-    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+    return _with_sd(f"{values.mean():.3f}", values.std(ddof=1))  # NaN for one value
 
 
 def _is_main(table: pd.DataFrame, main_ratio: float | None) -> pd.Series:
@@ -224,8 +228,7 @@ def summary_markdown(table: pd.DataFrame, main: pd.DataFrame,
             cells = []
             for name in ("auc", "accuracy"):
                 mean, sd = getattr(row, f"{name}_diff_mean"), getattr(row, f"{name}_diff_sd")
-                cells += ["n/a" if pd.isna(mean) else
-                          f"{mean:+.3f}" if pd.isna(sd) else f"{mean:+.3f} ± {sd:.3f}",
+                cells += ["n/a" if pd.isna(mean) else _with_sd(f"{mean:+.3f}", sd),
                           _interval(getattr(row, f"{name}_ci_seeds_low"),
                                     getattr(row, f"{name}_ci_seeds_high")),
                           _interval(getattr(row, f"{name}_ci_patients_low"),
