@@ -16,6 +16,7 @@ chunks instead: the same sums, bit-identical between runs, nothing large kept ei
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -162,7 +163,23 @@ class _AttentionAggregate(torch.autograd.Function):
         return grad_alpha, grad_x, None
 
 
-class SparseGATConv(torch_geometric.nn.GATConv):
+class NoTemplateFiles:
+    """Mixin for torch-geometric layers. On a class's first use in each process, PyG renders its
+    `propagate` and `edge_updater` into .py files under the temp directory and never deletes
+    them: a few hundred pile up in /tmp over a study, more over a cluster's jobs. Render them
+    into a directory removed at once; the modules are loaded by then and nothing reads the files
+    again (we never `torch.jit.script`), only tracebacks through them lose their source lines."""
+
+    def _set_jittable_templates(self, raise_on_error: bool = False) -> None:
+        with tempfile.TemporaryDirectory(prefix="srmil-pyg-") as folder:
+            saved, tempfile.tempdir = tempfile.tempdir, folder
+            try:
+                super()._set_jittable_templates(raise_on_error)  # type: ignore[misc]
+            finally:
+                tempfile.tempdir = saved
+
+
+class SparseGATConv(NoTemplateFiles, torch_geometric.nn.GATConv):
     """`torch_geometric.nn.GATConv` (same parameters and maths) with memory-lean aggregation.
 
     Takes a `SparseGraph` instead of an edge index; add self-loops to the graph beforehand (the

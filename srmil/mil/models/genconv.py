@@ -27,7 +27,7 @@ from torch import Tensor
 from torch_geometric.nn import GENConv
 from torch_geometric.nn.aggr import SoftmaxAggregation
 
-from srmil.mil.models.gat import SparseGraph
+from srmil.mil.models.gat import NoTemplateFiles, SparseGraph
 
 # Elements per edge chunk (64 MB of float32).
 CHUNK_ELEMENTS = 2**24
@@ -82,7 +82,7 @@ class _SoftmaxAggregate(torch.autograd.Function):
                 grad_t.reshape(t.shape) if ctx.needs_input_grad[1] else None, None)
 
 
-class SparseGENConv(GENConv):
+class SparseGENConv(NoTemplateFiles, GENConv):
     """`torch_geometric.nn.GENConv` with memory-lean softmax aggregation.
 
     Takes a `SparseGraph` (or an edge index, which falls back to GENConv's own aggregation).
